@@ -1,0 +1,141 @@
+"""The one place where CPU and Ascend differ.
+
+Everything else in the package uses ops that have kernels on both devices. What lives here:
+run-mode and device selection, dtype names, and the few computations that have a fused Ascend
+kernel but no CPU kernel (attention, RMSNorm). Each has a plain fallback that is the reference
+implementation on CPU and the numerical yardstick for the fused one.
+"""
+
+import logging
+import math
+
+import mindspore as ms
+from mindspore import ops
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+ATTN_IMPLEMENTATIONS = ("eager", "flash_attention_2")
+
+
+def device_target() -> str:
+    return ms.get_context("device_target")
+
+
+def on_ascend() -> bool:
+    return device_target() == "Ascend"
+
+
+def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
+    """Select PYNATIVE or GRAPH mode (and optionally the device: "CPU" or "Ascend")."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    kwargs = {"mode": MODES[mode]}
+    if device is not None:
+        kwargs["device_target"] = device
+    ms.set_context(**kwargs)
+    if mode == "graph":
+        # Compile the whole cell once (no partial pynative fallback) so shapes stay static.
+        ms.set_context(jit_config={"jit_level": "O0"})
+
+
+def run_mode() -> str:
+    return "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"
+
+
+def parse_dtype(name) -> ms.Type:
+    """Map "fp32"/"fp16"/"bf16" (or a mindspore dtype) to a dtype the current device can run."""
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        dtype = DTYPES[name]
+    else:
+        dtype = name
+    if dtype == ms.bfloat16 and not on_ascend():
+        raise ValueError(
+            "bf16 matmul/conv have no CPU kernel in MindSpore; use dtype fp32 or fp16 on CPU "
+            "(bf16 is for Ascend)."
+        )
+    return dtype
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """Validate the requested attention kernel; flash attention exists only on Ascend."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2" and not on_ascend():
+        logger.warning(
+            "attn_implementation='flash_attention_2' needs an Ascend NPU (device is %s); "
+            "falling back to 'eager', which gives the same results.",
+            device_target(),
+        )
+        return "eager"
+    return name
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm computed in fp32 and cast back to the input's dtype.
+
+    On Ascend the fused kernel also applies the weight in fp32 (the reference multiplies after the
+    cast back); the difference is within one unit of the low-precision dtype.
+    """
+    if on_ascend():
+        out = ops.rms_norm(x.astype(ms.float32), weight.astype(ms.float32), eps)[0]
+        return out.astype(x.dtype)
+    return _rms_norm_fp32(x, weight, eps)
+
+
+def _rms_norm_fp32(x, weight, eps):
+    dtype = x.dtype
+    x32 = x.astype(ms.float32)
+    variance = ops.mean(x32 * x32, -1, keep_dims=True)
+    x32 = x32 * ops.rsqrt(variance + eps)
+    return weight * x32.astype(dtype)
+
+
+def attention(query, key, value, mask, implementation: str = "eager", dropout: float = 0.0):
+    """Scaled dot-product attention over (B, heads, L, D) query and (B, kv_heads, S, D) key/value.
+
+    `mask` is additive, broadcastable to (B, 1, L, S), 0 where attention is allowed and a large
+    negative number elsewhere. Grouped-query attention: key/value heads are shared by
+    heads // kv_heads query heads. Softmax runs in fp32; the result has the query's dtype.
+    """
+    if implementation == "flash_attention_2":
+        return _flash_attention(query, key, value, mask, dropout)
+    return _eager_attention(query, key, value, mask, dropout)
+
+
+def _repeat_kv(x, n_rep: int):
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return ops.broadcast_to(x[:, :, None], (b, h, n_rep, s, d)).reshape(b, h * n_rep, s, d)
+
+
+def _eager_attention(query, key, value, mask, dropout):
+    n_rep = query.shape[1] // key.shape[1]
+    key = _repeat_kv(key, n_rep)
+    value = _repeat_kv(value, n_rep)
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    scores = ops.matmul(query, ops.swapaxes(key, -1, -2)).astype(ms.float32) * scale
+    if mask is not None:
+        scores = scores + mask.astype(ms.float32)
+    probs = ops.softmax(scores, -1)
+    if dropout > 0.0:
+        probs = ops.dropout(probs, p=dropout)
+    return ops.matmul(probs.astype(value.dtype), value)
+
+
+def _flash_attention(query, key, value, mask, dropout):
+    # Ascend's fused kernel takes a boolean "masked out" map and handles GQA natively.
+    heads = query.shape[1]
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    dtype = query.dtype
+    q, k, v = (t.astype(ms.float16) if dtype == ms.float32 else t for t in (query, key, value))
+    drop_mask = None if mask is None else (mask < 0).astype(ms.uint8)
+    out = ops.flash_attention_score(
+        q, k, v, heads, attn_mask=drop_mask, keep_prob=1.0 - dropout, scalar_value=scale,
+        input_layout="BNSD",
+    )
+    return out.astype(dtype)
