@@ -23,18 +23,25 @@ def device_target() -> str:
     return ms.get_context("device_target")
 
 
+# Compiled graphs cannot query the context, but they read module globals as constants, so the
+# device is resolved here in Python: at import and whenever set_run_mode() selects a device.
+_ON_ASCEND = device_target() == "Ascend"
+
+
 def on_ascend() -> bool:
-    return device_target() == "Ascend"
+    return _ON_ASCEND
 
 
 def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
     """Select PYNATIVE or GRAPH mode (and optionally the device: "CPU" or "Ascend")."""
+    global _ON_ASCEND
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     kwargs = {"mode": MODES[mode]}
     if device is not None:
         kwargs["device_target"] = device
     ms.set_context(**kwargs)
+    _ON_ASCEND = device_target() == "Ascend"
     if mode == "graph":
         # Compile the whole cell once (no partial pynative fallback) so shapes stay static.
         ms.set_context(jit_config={"jit_level": "O0"})
