@@ -1,0 +1,119 @@
+"""The Emu3 image-token constraint: exactly h rows of w visual tokens, each row closed by eol,
+then eof, eoi, eos, then padding.
+
+What is allowed depends only on the offset of the next token from the prompt's image token
+(`<|image token|>`, the last token of a mode "G" prompt): offset % (w+1) == 0 -> eol;
+(w+1)h+1 -> eof; +2 -> eoi; +3 -> eos; beyond -> pad; otherwise one of the 32768 visual tokens.
+
+`build_prefix_constraint` is that rule as a python `prefix_allowed_tokens_fn(batch_id, input_ids)`
+(transformers' convention; the reference in tests and what the processor hands out).
+`ImagePrefixConstraint` is the same rule on the device for the decode loop: the offset of each row
+selects one of six precomputed additive masks, so a step costs one gather and one add.
+"""
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+VISUAL_CODEBOOK_SIZE = 32768
+
+# Offset classes, in the order of the rows of ImagePrefixConstraint's mask table.
+_VISUAL, _EOL, _EOF, _EOI, _EOS, _PAD = range(6)
+
+
+def visual_token_ids(config) -> np.ndarray:
+    """The ids of `<|visual token k|>`, k < 32768: they follow eoi in Emu3's vocabulary."""
+    first = config.eoi_token_id + 1
+    if first + VISUAL_CODEBOOK_SIZE > config.vocab_size:
+        raise ValueError(
+            f"The image constraint needs the {VISUAL_CODEBOOK_SIZE} visual tokens after eoi "
+            f"({config.eoi_token_id}), but vocab_size is {config.vocab_size}; use Emu3's full vocabulary "
+            f"(184622) for image generation."
+        )
+    return np.arange(first, first + VISUAL_CODEBOOK_SIZE)
+
+
+def _check_image_size(height: int, width: int) -> None:
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"image size must be at least 1x1 tokens, got height={height}, width={width}")
+
+
+def _offset_class(offset: int, height: int, width: int) -> int:
+    end = (width + 1) * height
+    if offset % (width + 1) == 0:
+        return _EOL
+    if offset == end + 1:
+        return _EOF
+    if offset == end + 2:
+        return _EOI
+    if offset == end + 3:
+        return _EOS
+    if offset > end + 3:
+        return _PAD
+    return _VISUAL
+
+
+def build_prefix_constraint(height: int, width: int, config):
+    """A `prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]` for an h x w token image.
+
+    `input_ids` is one row so far (prompt + generated, numpy or torch); its first image token marks
+    where the image starts. The returned lists are shared: don't modify them.
+    """
+    _check_image_size(height, width)
+    allowed = {
+        _VISUAL: visual_token_ids(config).tolist(),
+        _EOL: [config.eol_token_id],
+        _EOF: [config.eof_token_id],
+        _EOI: [config.eoi_token_id],
+        _EOS: [config.eos_token_id],
+        _PAD: [config.pad_token_id],
+    }
+
+    def prefix_allowed_tokens_fn(batch_id, input_ids):
+        ids = np.asarray(input_ids)
+        where = np.flatnonzero(ids == config.img_token_id)
+        if where.size == 0:
+            raise ValueError(
+                f"row {batch_id} has no image token ({config.img_token_id}): the image constraint needs a "
+                f"generation prompt ending in boi, 'H*W', img (the processor's mode 'G')."
+            )
+        return allowed[_offset_class(ids.shape[0] - int(where[0]), height, width)]
+
+    return prefix_allowed_tokens_fn
+
+
+def image_start_offsets(input_ids: np.ndarray, img_token_id: int) -> np.ndarray:
+    """(B,) offset of the first token to generate from each row's first image token."""
+    has_img = input_ids == img_token_id
+    missing = np.flatnonzero(~has_img.any(-1))
+    if missing.size:
+        raise ValueError(
+            f"rows {missing.tolist()} have no image token ({img_token_id}); image generation needs prompts "
+            f"ending in boi, 'H*W', img (build them with the processor in mode 'G')."
+        )
+    return (input_ids.shape[1] - has_img.argmax(-1)).astype(np.int32)
+
+
+class ImagePrefixConstraint(nn.Cell):
+    """The constraint on the device: (B, V) scores + the additive mask of each row's offset class."""
+
+    def __init__(self, config):
+        super().__init__()
+        table = np.full((6, config.vocab_size), -np.inf, dtype=np.float32)
+        table[_VISUAL, visual_token_ids(config)] = 0.0
+        for cls, token in ((_EOL, config.eol_token_id), (_EOF, config.eof_token_id),
+                           (_EOI, config.eoi_token_id), (_EOS, config.eos_token_id),
+                           (_PAD, config.pad_token_id)):
+            table[cls, token] = 0.0
+        self.masks = ms.Tensor(table)
+
+    def construct(self, scores, offsets, heights, widths):
+        """offsets, heights, widths: (B,) int32; offsets as in `build_prefix_constraint`."""
+        end = (widths + 1) * heights
+        cls = ops.zeros_like(offsets)
+        cls = ops.where(offsets > end + 3, _PAD, cls)
+        cls = ops.where(offsets == end + 3, _EOS, cls)
+        cls = ops.where(offsets == end + 2, _EOI, cls)
+        cls = ops.where(offsets == end + 1, _EOF, cls)
+        cls = ops.where(offsets % (widths + 1) == 0, _EOL, cls)
+        return scores + ops.gather(self.masks, cls, 0)
