@@ -1,6 +1,5 @@
 """Emu3VisionVQConfig: the architecture of BAAI's Emu3-VisionTokenizer, with its config.json keys."""
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -84,6 +83,3 @@ class Emu3VisionVQConfig:
     def to_dict(self) -> dict:
         """BAAI's config.json content (architecture keys plus model_type)."""
         return {**asdict(self), "architectures": ["Emu3VisionVQModel"], "model_type": MODEL_TYPE}
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
