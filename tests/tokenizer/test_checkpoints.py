@@ -20,7 +20,7 @@ def loaded(vq_dirs):
     return {layout: Emu3VisionVQModel.from_pretrained(path) for layout, path in vq_dirs.items()}
 
 
-def test_all_layouts_load_the_same_model(loaded, reference_vq):
+def test_all_layouts_load_the_same_model(loaded, vq_dirs, reference_vq):
     original = _params(loaded["original"])
     for layout in ("hf", "full_hf"):
         other = _params(loaded[layout])
@@ -33,7 +33,8 @@ def test_all_layouts_load_the_same_model(loaded, reference_vq):
                                   ref["encoder.middle_block.attn_1.q_proj.weight"].numpy())
     np.testing.assert_array_equal(original["decoder.time_res_stack.0.norm1.bn2d.moving_variance"],
                                   ref["decoder.time_res_stack.0.norm1.running_var"].numpy())
-    assert loaded["hf"].config == loaded["original"].config
+    assert loaded["hf"].config == loaded["original"].config == loaded["full_hf"].config
+    assert Emu3VisionVQConfig.from_pretrained(vq_dirs["hf"]) == loaded["original"].config
 
 
 def test_save_pretrained_writes_baai_layout_and_round_trips(loaded, vq_dirs, tmp_path):
