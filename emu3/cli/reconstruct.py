@@ -167,4 +167,7 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # bad weights (WeightsError), sizes, dtypes, unreadable files
+        sys.exit(f"error: {err}")
