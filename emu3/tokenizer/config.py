@@ -1,10 +1,8 @@
 """Emu3VisionVQConfig: the architecture of BAAI's Emu3-VisionTokenizer, with its config.json keys."""
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
-from emu3.weights import CONFIG_FILE, WeightsError, read_config
+from emu3.weights import WeightsError
 
 # Keys a transformers/BAAI config.json carries that say nothing about the architecture.
 METADATA_KEYS = frozenset(
@@ -78,12 +76,11 @@ class Emu3VisionVQConfig:
 
     @classmethod
     def from_pretrained(cls, directory) -> "Emu3VisionVQConfig":
-        """Read `config.json` in BAAI's layout (for the transformers layout use layouts.read_config)."""
-        return cls.from_dict(read_config(directory), str(Path(directory) / CONFIG_FILE))
+        """Read a checkpoint directory's `config.json`: BAAI's keys or transformers' (-hf) ones."""
+        from emu3.tokenizer.layouts import read_config  # layouts builds on this module
+
+        return read_config(directory)
 
     def to_dict(self) -> dict:
         """BAAI's config.json content (architecture keys plus model_type)."""
         return {**asdict(self), "architectures": ["Emu3VisionVQModel"], "model_type": MODEL_TYPE}
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

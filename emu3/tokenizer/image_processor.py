@@ -112,12 +112,16 @@ class Emu3VisionVQImageProcessor:
 
     preprocess = __call__
 
-    def _preprocess(self, image, index) -> np.ndarray:
+    def resize(self, image, index=0) -> Image.Image:
+        """The image as the model sees it before scaling: RGB, at its smart_resize size."""
         image = self._to_pil(image, index)
         if self.do_resize:
             height, width = self.smart_resize(image.height, image.width)
             image = image.resize((width, height), resample=self.resample)
-        pixels = np.asarray(image)
+        return image
+
+    def _preprocess(self, image, index) -> np.ndarray:
+        pixels = np.asarray(self.resize(image, index))
         if self.do_rescale:
             pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
         else:

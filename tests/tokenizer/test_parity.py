@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from emu3 import backend
 from emu3.tokenizer import Emu3VisionVQModel
 
 
@@ -30,6 +31,10 @@ def test_image_codes_and_pixels_match_reference(run_mode, vq_dirs, reference_vq,
     assert len(np.unique(codes)) > 10  # the codebook search is exercised, not one constant code
     assert pixels.shape == (2, 3, 32, 48)
     np.testing.assert_allclose(pixels, ref_pixels, atol=1e-4, rtol=0)
+    if run_mode == "graph":
+        backend.set_run_mode("pynative", "CPU")
+        np.testing.assert_array_equal(model.encode(images).asnumpy(), codes)
+        np.testing.assert_allclose(model.decode(codes).asnumpy(), pixels, atol=1e-5, rtol=0)
 
 
 def test_video_codes_and_pixels_match_reference_internals(vq_dirs, reference_vq, torch_reference, video):
