@@ -160,6 +160,11 @@ def test_save_and_reload(tok, tokenizer_dir, tmp_path):
     again = Emu3Tokenizer.from_pretrained(tmp_path)
     assert again.special_tokens == tok.special_tokens
     assert again.encode(TEXTS[5]) == tok.encode(TEXTS[5])
+    # transformers-style entries (AddedToken dicts, right padding) still give Emu3's roles, left padded.
+    config.update(bos_token={"content": "<|extra_203|>", "special": True}, padding_side="right")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    again = Emu3Tokenizer.from_pretrained(tmp_path)
+    assert again.bos_token_id == 151849 and again.padding_side == "left"
 
 
 def test_clear_errors(tok, tmp_path):
