@@ -93,7 +93,8 @@ class Emu3Processor:
             h, w = generation_size(ratio, image_area, self.spatial_factor)
             prompts = [self.tokenizer.bos_token + t + self.image_header(h, w) for t in texts]
             sizes = [(h, w)] * len(texts)
-            self._check_fits(prompts, extra=image_tokens_to_generate(h, w), what=f"an {h}x{w}-token image")
+            self._check_fits(prompts, [image_tokens_to_generate(h, w)] * len(prompts),
+                             [f"the {h}x{w}-token image to generate"] * len(prompts))
         elif mode == "U":
             images = self._image_list(image, len(texts))
             sizes = [self._token_size(img, i) for i, img in enumerate(images)]
@@ -102,7 +103,9 @@ class Emu3Processor:
             skeletons = [self._understanding_prompt(t, self.image_header(h, w) + self.tokenizer.eof_token
                                                     + self.tokenizer.eoi_token)
                          for t, (h, w) in zip(texts, sizes)]
-            self._check_fits(skeletons, extra=[h * (w + 1) for h, w in sizes], what="the image tokens")
+            self._check_fits(skeletons, [h * (w + 1) for h, w in sizes],
+                             [f"the image's {h}x{w} tokens (it is resized to {self.spatial_factor * w}x{self.spatial_factor * h} pixels; "
+                              f"a smaller image gives fewer)" for h, w in sizes])
             prompts = [self._understanding_prompt(t, self.image_string(self.encode_image(img)))
                        for t, img in zip(texts, images)]
         else:
@@ -141,11 +144,10 @@ class Emu3Processor:
             raise ValueError(f"image {index} ({width}x{height} pixels) cannot be tokenised: {err}") from None
         return h // self.spatial_factor, w // self.spatial_factor
 
-    def _check_fits(self, prompts: list[str], extra, what: str) -> None:
+    def _check_fits(self, prompts: list[str], extras: list[int], whats: list[str]) -> None:
         if self.context_length is None:
             return
-        extras = extra if isinstance(extra, list) else [extra] * len(prompts)
-        for i, (prompt, more) in enumerate(zip(prompts, extras)):
+        for i, (prompt, more, what) in enumerate(zip(prompts, extras, whats)):
             total = len(self.tokenizer.encode(prompt)) + more
             if total > self.context_length:
                 raise ValueError(
