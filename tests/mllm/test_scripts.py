@@ -98,7 +98,7 @@ def test_demo_checkpoints_are_in_baai_layout(demo_dir):
     assert [p.name for p in demo_dir.iterdir()] == [demo.DEMO_VERSION]
 
 
-def test_killed_demo_build_leaves_no_cache(tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_cache_and_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("EMU3_DEMO_DIR", str(tmp_path))
     monkeypatch.setattr(demo, "write_demo_llm", lambda d: (d.mkdir(parents=True), (d / "config.json").write_text("{}")))
 
@@ -109,6 +109,12 @@ def test_killed_demo_build_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         demo.demo_checkpoints()
     assert list(tmp_path.iterdir()) == []
+
+    # A cache someone emptied by hand is rebuilt, not trusted.
+    monkeypatch.setattr(demo, "write_demo_vq", lambda d: d.mkdir(parents=True))
+    (tmp_path / demo.DEMO_VERSION / demo.LLM_DIR).mkdir(parents=True)
+    llm_dir, vq_dir = demo.demo_checkpoints()
+    assert (llm_dir / "config.json").is_file() and vq_dir.is_dir()
 
 
 def test_infer_img_gen_script_on_demo(demo_dir, pipeline, tmp_path):
