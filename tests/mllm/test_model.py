@@ -2,9 +2,12 @@
 
 import numpy as np
 import mindspore as ms
+import pytest
 from mindspore import nn
 
-from tests.mllm.tiny import generate_position_ids, left_padded_batch, tiny_model, torch_twin
+from emu3 import backend
+from emu3.mllm import Emu3ForCausalLM
+from tests.mllm.tiny import generate_position_ids, left_padded_batch, tiny_config, tiny_model, torch_twin
 
 TOL = 1e-4
 
@@ -116,8 +119,6 @@ class _DecodeStep(nn.Cell):
 
 
 def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
-    from emu3 import backend
-
     model = tiny_model()
     ids, mask = left_padded_batch(rng, [6, 3], 512, 6)
     new_tokens = rng.integers(3, 512, (2, 6))
@@ -129,3 +130,61 @@ def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
     assert len(step.compile_cache) == 2
     for got, want in zip(graph, eager):
         assert np.abs(got - want).max() < 1e-5
+
+
+def test_full_vocabulary_forward_and_cached_match_reference(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(vocab_size=184622, pad_token_id=151643, bos_token_id=151849, eos_token_id=151850)
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 184622, (1, 6))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(model(_t(ids)).asnumpy() - expected).max() < TOL
+    cache = model.init_cache(1, 8)
+    logits, _ = model.forward_cached(_t(ids), _t(np.arange(6)[None]), _t(np.arange(6)), _t(np.ones((1, 8))), cache)
+    assert logits.shape == (1, 184622)
+    assert np.abs(logits.asnumpy() - expected[:, -1]).max() < TOL
+
+
+def test_gradients_match_reference_and_recompute_changes_nothing(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model()
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 512, (2, 8))
+    ref(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.backward()
+    expected = {n: p.grad.numpy() for n, p in ref.named_parameters()}
+    params = model.trainable_params()
+
+    def loss_fn(x):
+        return model(x, labels=x)[0]
+
+    grads = ms.grad(loss_fn, grad_position=None, weights=params)(_t(ids))
+    for p, g in zip(params, grads):
+        assert np.abs(g.asnumpy() - expected[p.name]).max() < TOL, p.name
+    model.enable_recompute()
+    grads_rc = ms.grad(loss_fn, grad_position=None, weights=params)(_t(ids))
+    for g, g_rc in zip(grads, grads_rc):
+        np.testing.assert_allclose(g_rc.asnumpy(), g.asnumpy(), atol=1e-6)
+
+
+def test_fp16_weights_keep_norms_softmax_and_logits_in_fp32(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(dtype="fp16")
+    assert all(p.dtype == ms.float16 for p in model.get_parameters())
+    ref = torch_twin(model, torch)  # the same (fp16-rounded) weights, computed in fp32
+    ids = rng.integers(0, 512, (2, 10))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids)).logits.numpy()
+    out = model(_t(ids))
+    assert out.dtype == ms.float32
+    assert np.abs(out.asnumpy() - expected).max() < 2e-2
+
+
+def test_flash_attention_on_cpu_warns_and_falls_back(caplog):
+    with caplog.at_level("WARNING"):
+        model = Emu3ForCausalLM(tiny_config(), attn_implementation="flash_attention_2")
+    assert model.attn_implementation == "eager" and "falling back to 'eager'" in caplog.text
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        Emu3ForCausalLM(tiny_config(), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="bf16"):
+        Emu3ForCausalLM(tiny_config(), dtype="bf16")
