@@ -188,3 +188,22 @@ def test_flash_attention_on_cpu_warns_and_falls_back(caplog):
         Emu3ForCausalLM(tiny_config(), attn_implementation="sdpa")
     with pytest.raises(ValueError, match="bf16"):
         Emu3ForCausalLM(tiny_config(), dtype="bf16")
+
+
+class _TrainForward(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, attention_mask, labels):
+        return self.model(input_ids, attention_mask, labels=labels)
+
+
+def test_graph_full_forward_and_loss_equal_pynative(rng):
+    model = tiny_model()
+    ids, mask = left_padded_batch(rng, [8, 5], 512, 8)
+    loss, logits = model(_t(ids), _t(mask), labels=_t(ids))
+    backend.set_run_mode("graph", "CPU")
+    loss_g, logits_g = _TrainForward(model)(_t(ids), _t(mask), _t(ids))
+    assert abs(loss_g.asnumpy() - loss.asnumpy()) < 1e-6
+    assert np.abs(logits_g.asnumpy() - logits.asnumpy()).max() < 1e-5
