@@ -214,6 +214,12 @@ def _cached_mask(attention_mask, cache_position):
     return _additive(allowed)
 
 
+def _check_shape(name, tensor, shape):
+    # Shapes are static, so in graph mode this check runs once, at compile time.
+    if tensor is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
 class Emu3ForCausalLM(nn.Cell):
     """Emu3's language model with its lm_head over the 184,622-token vocabulary."""
 
@@ -231,6 +237,9 @@ class Emu3ForCausalLM(nn.Cell):
         Without position_ids, positions count the real tokens of each row (left padding safe).
         Labels are shifted inside (token t predicts label t+1); -100 is ignored.
         """
+        _check_shape("attention_mask", attention_mask, input_ids.shape)
+        _check_shape("position_ids", position_ids, input_ids.shape)
+        _check_shape("labels", labels, input_ids.shape)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = ops.broadcast_to(ops.arange(input_ids.shape[1], dtype=ms.int32)[None], input_ids.shape)
@@ -270,6 +279,12 @@ class Emu3ForCausalLM(nn.Cell):
         input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the slots they go to;
         attention_mask (B, max_length) int32, 1 where a slot holds a real token.
         """
+        batch, length = input_ids.shape
+        _check_shape("position_ids", position_ids, input_ids.shape)
+        _check_shape("cache_position", cache_position, (length,))
+        _check_shape("attention_mask", attention_mask, (batch, cache[0].shape[2]))
+        if cache[0].shape[0] != batch:
+            raise ValueError(f"the cache was made for batch size {cache[0].shape[0]}, input_ids has {batch} rows")
         mask = _cached_mask(attention_mask, cache_position)
         hidden_states, cache = self.model(input_ids, position_ids, mask, cache, cache_position)
         logits = self.lm_head(hidden_states[:, -1]).astype(ms.float32)

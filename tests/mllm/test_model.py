@@ -207,3 +207,20 @@ def test_graph_full_forward_and_loss_equal_pynative(rng):
     loss_g, logits_g = _TrainForward(model)(_t(ids), _t(mask), _t(ids))
     assert abs(loss_g.asnumpy() - loss.asnumpy()) < 1e-6
     assert np.abs(logits_g.asnumpy() - logits.asnumpy()).max() < 1e-5
+
+
+def test_wrong_shapes_are_clear_errors():
+    model = tiny_model()
+    ids = _t(np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 4\)"):
+        model(ids, _t(np.ones((2, 4))))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\)"):
+        model(ids, labels=_t(np.ones((1, 5))))
+    cache = model.init_cache(2, 8)
+    pos, slots = _t(np.zeros((2, 5))), _t(np.arange(5))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 8\), got \(2, 5\)"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 5))), cache)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), model.init_cache(1, 8))
+    with pytest.raises(ValueError, match="max_position_embeddings 128"):
+        model.init_cache(1, 129)
