@@ -78,8 +78,11 @@ class Emu3RotaryEmbedding(nn.Cell):
     def __init__(self, config):
         super().__init__()
         dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        self.inv_freq = Tensor((inv_freq / config.rope_factor).astype(np.float32))
+        # fp32 Pow as in transformers: numpy's pow differs in the last bit for a quarter of the
+        # frequencies, which grows to ~1e-3 rad of angle at position 9000.
+        exponent = Tensor(np.arange(0, dim, 2, dtype=np.float32)) / dim
+        inv_freq = 1.0 / ops.pow(Tensor(config.rope_theta, ms.float32), exponent)
+        self.inv_freq = inv_freq / config.rope_factor
 
     def construct(self, position_ids, dtype):
         freqs = position_ids.astype(ms.float32)[:, :, None] * self.inv_freq

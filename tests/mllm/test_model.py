@@ -224,3 +224,14 @@ def test_wrong_shapes_are_clear_errors():
         model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), model.init_cache(1, 8))
     with pytest.raises(ValueError, match="max_position_embeddings 128"):
         model.init_cache(1, 129)
+
+
+def test_rotary_embedding_matches_reference_at_long_positions(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=9216)  # head dim 64
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 512, (1, 8))
+    pos = 9200 + np.arange(8)[None]
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert np.abs(model(_t(ids), position_ids=_t(pos)).asnumpy() - expected).max() < TOL
