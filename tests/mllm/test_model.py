@@ -235,3 +235,12 @@ def test_rotary_embedding_matches_reference_at_long_positions(torch_reference, r
     with torch.no_grad():
         expected = ref(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
     assert np.abs(model(_t(ids), position_ids=_t(pos)).asnumpy() - expected).max() < TOL
+
+
+def test_dropout_only_in_training_mode(rng):
+    model = tiny_model()
+    ids = _t(rng.integers(0, 512, (1, 6)))
+    np.testing.assert_array_equal(model(ids).asnumpy(), model(ids).asnumpy())
+    model.set_train(True)
+    assert np.abs(model(ids).asnumpy() - model(ids).asnumpy()).max() > 1e-3
+    model.set_train(False)
