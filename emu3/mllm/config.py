@@ -5,7 +5,12 @@ transformers "-hf" conversions nest the same keys under "text_config" (the rest 
 describes the vision tokenizer and the vocabulary map); `from_pretrained` reads either.
 """
 
+import inspect
+import logging
+
 from emu3 import weights
+
+logger = logging.getLogger(__name__)
 
 # Keys transformers or BAAI write into config.json that say nothing about this model.
 _BOOKKEEPING_KEYS = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
@@ -118,7 +123,13 @@ class Emu3Config:
         """From BAAI's flat config.json, or from a transformers -hf config that nests a text_config."""
         if "text_config" in data:
             data = _from_hf(data)
-        return cls(**data)
+        known = set(inspect.signature(cls.__init__).parameters) | set(_BOOKKEEPING_KEYS)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            # A checkpoint's config.json may carry keys written by other tools; they do not
+            # change this model, so they are reported rather than fatal.
+            logger.warning("ignoring config keys that Emu3Config does not use: %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def from_pretrained(cls, directory) -> "Emu3Config":

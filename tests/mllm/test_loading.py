@@ -89,6 +89,7 @@ def test_config_round_trip_and_bad_values():
         Emu3Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(ValueError, match="unknown keys"):
         Emu3Config(hiden_size=3)
+    assert Emu3Config.from_dict({**config.to_dict(), "output_hidden_states": False}) == config
     with pytest.raises(ValueError, match="rope_scaling"):
         Emu3Config(rope_scaling={"type": "yarn", "factor": 2.0})
 

@@ -188,3 +188,59 @@ def test_flash_attention_on_cpu_warns_and_falls_back(caplog):
         Emu3ForCausalLM(tiny_config(), attn_implementation="sdpa")
     with pytest.raises(ValueError, match="bf16"):
         Emu3ForCausalLM(tiny_config(), dtype="bf16")
+
+
+class _TrainForward(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, attention_mask, labels):
+        return self.model(input_ids, attention_mask, labels=labels)
+
+
+def test_graph_full_forward_and_loss_equal_pynative(rng):
+    model = tiny_model()
+    ids, mask = left_padded_batch(rng, [8, 5], 512, 8)
+    loss, logits = model(_t(ids), _t(mask), labels=_t(ids))
+    backend.set_run_mode("graph", "CPU")
+    loss_g, logits_g = _TrainForward(model)(_t(ids), _t(mask), _t(ids))
+    assert abs(loss_g.asnumpy() - loss.asnumpy()) < 1e-6
+    assert np.abs(logits_g.asnumpy() - logits.asnumpy()).max() < 1e-5
+
+
+def test_wrong_shapes_are_clear_errors():
+    model = tiny_model()
+    ids = _t(np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 4\)"):
+        model(ids, _t(np.ones((2, 4))))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\)"):
+        model(ids, labels=_t(np.ones((1, 5))))
+    cache = model.init_cache(2, 8)
+    pos, slots = _t(np.zeros((2, 5))), _t(np.arange(5))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 8\), got \(2, 5\)"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 5))), cache)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), model.init_cache(1, 8))
+    with pytest.raises(ValueError, match="max_position_embeddings 128"):
+        model.init_cache(1, 129)
+
+
+def test_rotary_embedding_matches_reference_at_long_positions(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=9216)  # head dim 64
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 512, (1, 8))
+    pos = 9200 + np.arange(8)[None]
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert np.abs(model(_t(ids), position_ids=_t(pos)).asnumpy() - expected).max() < TOL
+
+
+def test_dropout_only_in_training_mode(rng):
+    model = tiny_model()
+    ids = _t(rng.integers(0, 512, (1, 6)))
+    np.testing.assert_array_equal(model(ids).asnumpy(), model(ids).asnumpy())
+    model.set_train(True)
+    assert np.abs(model(ids).asnumpy() - model(ids).asnumpy()).max() > 1e-3
+    model.set_train(False)
