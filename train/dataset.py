@@ -23,6 +23,7 @@ Sequences are right-padded to max_length (pad id, no loss), so every batch has o
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,29 @@ from train.trainer import IGNORE_INDEX
 VQA_SYSTEM = "You are a helpful assistant. USER: "
 VQA_ASSISTANT = ". ASSISTANT:"
 CODEBOOK_SIZE = 32768  # visual tokens <|visual token 0..32767|>
+
+
+def write_feature(path, name: str, images: np.ndarray, texts: str, response: str | None = None) -> None:
+    """Write one feature file atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    arrays = {"name": np.array(name), "images": np.asarray(images, np.int32), "texts": np.array(texts)}
+    if response is not None:
+        arrays["response"] = np.array(response)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_listing(data_dir, files: list[str]) -> None:
+    """DATA_DIR/list/train.json naming every feature file (relative to DATA_DIR/feature)."""
+    listing = Path(data_dir) / "list" / "train.json"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    tmp = listing.with_name("train.json.tmp")
+    tmp.write_text(json.dumps({"prefix": "feature", "path_list": files}, indent=1))
+    os.replace(tmp, listing)
 
 
 def read_feature(path) -> dict:
@@ -91,17 +115,21 @@ class SFTDataset:
         """(input_ids, labels) lists for one sample, or None when it cannot fit max_length."""
         tok = self.tok
         image = self.image_ids(sample["images"])
-        text = [] if drop_prompt else list(tok.encode(sample["texts"]))
         if self.task == "t2i":
             head, tail, target = [tok.bos_token_id], [], image
+            text = [] if drop_prompt else list(tok.encode(sample["texts"]))
         else:
             if "response" not in sample:
                 raise ValueError(f"sample {sample['name']!r} has no response: is it a VQA feature file?")
             head = [tok.bos_token_id] + list(tok.encode(VQA_SYSTEM)) + image
-            tail = list(tok.encode(VQA_ASSISTANT))
+            # question and ". ASSISTANT:" are one string to the tokenizer ("?." is one token)
+            text, tail = list(tok.encode(sample["texts"] + VQA_ASSISTANT)), []
             target = list(tok.encode(sample["response"])) + [tok.eos_token_id]
         excess = len(head) + len(text) + len(tail) + len(target) - self.max_length
         if excess > 0:
+            if self.task == "vqa":
+                text, tail = list(tok.encode(sample["texts"])), list(tok.encode(VQA_ASSISTANT))
+                excess = len(head) + len(text) + len(tail) + len(target) - self.max_length
             if excess > len(text):
                 self.skipped += 1
                 return None
@@ -120,8 +148,7 @@ class SFTDataset:
         """key = (index, epoch): the padded arrays for that sample, or None if it is skipped."""
         index, epoch = key
         sample = read_feature(self.files[index])
-        rng = np.random.default_rng([self.seed, epoch, index])
-        drop = self.task == "t2i" and rng.random() < self.null_prompt_prob
+        drop = self.task == "t2i" and drops_prompt(self.seed, epoch, index, self.null_prompt_prob)
         built = self.build(sample, drop_prompt=drop)
         if built is None:
             return None
@@ -130,6 +157,11 @@ class SFTDataset:
         input_ids = np.asarray(ids + [self.tok.pad_token_id] * pad, np.int32)
         labels = np.asarray(labels + [IGNORE_INDEX] * pad, np.int32)
         return {"input_ids": input_ids, "labels": labels, "name": sample["name"]}
+
+
+def drops_prompt(seed: int, epoch: int, index: int, probability: float) -> bool:
+    """Whether sample `index` gets an empty caption in `epoch` (seeded, so a resumed run agrees)."""
+    return bool(np.random.default_rng([seed, epoch, index]).random() < probability)
 
 
 def shift_labels(labels: np.ndarray) -> np.ndarray:

@@ -140,7 +140,7 @@ class UlyssesAttention(nn.Cell):
 
     def __init__(self, core_attention, num_heads: int, num_kv_heads: int, group: str):
         super().__init__()
-        self.core_attention = core_attention  # the model's own (bound) attention core
+        self.inner = core_attention  # the model's own attention core (a bound method)
         self.sp = get_group_size(group)
         if num_heads % self.sp:
             raise ValueError(f"{num_heads} attention heads cannot be split over sp_size={self.sp}")
@@ -161,19 +161,28 @@ class UlyssesAttention(nn.Cell):
         v = self.seq_to_heads(self._repeat_kv(v))
         length = q.shape[2]
         causal = ops.triu(ops.ones((length, length), ms.float32), 1) * ms.Tensor(-1e9, ms.float32)
-        out = self.core_attention(q, k, v, causal.reshape(1, 1, length, length))
+        out = self.inner(q, k, v, causal.reshape(1, 1, length, length))
         return self.heads_to_seq(out)
 
 
+def _ulysses_core_attention(self, q, k, v, mask):
+    return self.ulysses(q, k, v, mask)
+
+
 def enable_sequence_parallel(model, state: ParallelState) -> int:
-    """Wrap the attention core of every layer of `model` for Ulysses SP; returns how many."""
+    """Route the attention core of every layer of `model` through Ulysses SP; returns how many.
+
+    The attention cell's class is swapped for a subclass whose `core_attention` calls the wrapper,
+    which holds the original method, so the model's construct code runs unchanged.
+    """
+    cfg = model.config
     count = 0
-    for _, cell in model.cells_and_names():
-        if hasattr(type(cell), "core_attention") and not isinstance(cell, UlyssesAttention):
-            cfg = model.config
-            cell.core_attention = UlyssesAttention(
-                cell.core_attention, cfg.num_attention_heads, cfg.num_key_value_heads, state.sp_group
-            )
+    for _, cell in list(model.cells_and_names()):
+        if hasattr(type(cell), "core_attention") and not hasattr(cell, "ulysses"):
+            cell.ulysses = UlyssesAttention(cell.core_attention, cfg.num_attention_heads,
+                                            cfg.num_key_value_heads, state.sp_group)
+            cell.__class__ = type(f"Ulysses{type(cell).__name__}", (type(cell),),
+                                  {"core_attention": _ulysses_core_attention})
             count += 1
     if count == 0:
         raise ValueError(f"{type(model).__name__} has no attention core (core_attention) to wrap")
