@@ -145,7 +145,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | Non
     header, offset = {}, 0
     arrays = {}
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        # ascontiguousarray turns a 0-d array (e.g. BatchNorm's num_batches_tracked) into shape (1,).
+        arr = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))
         if arr.dtype not in _ST_DTYPES:
             raise WeightsError(f"cannot write tensor {name!r} of dtype {arr.dtype} to safetensors")
         header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape),

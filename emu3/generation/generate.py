@@ -2,7 +2,7 @@
 
 Speed design (the decode loop is where an image's 8193 tokens go):
 - one static KV cache, preallocated for prompt + max_new_tokens (`model.init_cache`);
-- the prompt goes through `_Step` once (prefill), then every token through the same `_Step` with
+- the prompt goes through `GenerationStep` once (prefill), then every token through the same `GenerationStep` with
   fixed shapes. In GRAPH mode that cell compiles twice in total (prefill shape, decode shape), never
   per token: every per-step value (next ids, positions, cache slot, step number, finished rows,
   constraint offsets) is a device tensor that the step returns for the next call, and the cache is
@@ -31,6 +31,12 @@ from emu3.generation.guidance import classifier_free_guidance
 from emu3.generation.sampling import apply_temperature, draw_uniforms, greedy, sample
 
 _FETCH_EVERY = 16
+_PROMPT_BUCKET = 64
+_CACHE_BUCKET = 256
+
+# The last step built, so repeated calls with one model and settings (a loop over prompts) compile
+# once. Only one is kept: a step holds its model.
+_LAST_STEP = {}
 
 
 @dataclass
@@ -70,7 +76,7 @@ class GenerationConfig:
         return self.guidance_scale is not None and self.guidance_scale != 1.0
 
 
-class _Step(nn.Cell):
+class GenerationStep(nn.Cell):
     """One forward through the cache plus the choice of the next token, for prefill and decode."""
 
     def __init__(self, model, config: GenerationConfig, constrained: bool, eos_token_id: int, pad_token_id: int):
@@ -107,6 +113,15 @@ class _Step(nn.Cell):
                 offsets + 1)
 
 
+def _step_for(model, config, constrained, eos, pad) -> GenerationStep:
+    key = (id(model), config.guidance_scale if config.guided else None, constrained, config.do_sample,
+           config.temperature, config.top_k, config.top_p, eos, pad)
+    if key not in _LAST_STEP:
+        _LAST_STEP.clear()
+        _LAST_STEP[key] = GenerationStep(model, config, constrained, eos, pad)
+    return _LAST_STEP[key]
+
+
 def _as_prompt(ids, mask, name: str):
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -121,6 +136,10 @@ def _as_prompt(ids, mask, name: str):
         raise ValueError(f"{name} must be LEFT padded (the last column of its attention mask must be all 1); "
                          f"tokenize with padding_side='left'.")
     return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _left_pad(ids, mask, length: int, pad_token_id: int):
@@ -189,11 +208,17 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
         rows, row_mask = ids, mask
 
     new = int(config.max_new_tokens)
-    prompt_length = rows.shape[1]
-    max_length = prompt_length + new
-    if max_length > model_config.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_length}) + max_new_tokens ({new}) = {max_length} exceeds the model's "
-                         f"context window max_position_embeddings={model_config.max_position_embeddings}.")
+    if rows.shape[1] + new > model_config.max_position_embeddings:
+        raise ValueError(f"prompt ({rows.shape[1]}) + max_new_tokens ({new}) = {rows.shape[1] + new} exceeds the "
+                         f"model's context window max_position_embeddings={model_config.max_position_embeddings}.")
+    # Shapes rounded up to buckets: calls with nearby lengths reuse the compiled graphs. Extra prompt
+    # columns are masked padding; extra cache slots are never reached.
+    context = model_config.max_position_embeddings
+    prompt_length = _round_up(rows.shape[1], _PROMPT_BUCKET)
+    if prompt_length + new > context:
+        prompt_length = rows.shape[1]
+    rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
+    max_length = min(_round_up(prompt_length + new, _CACHE_BUCKET), context)
 
     constrained = image_size is not None
     zeros = np.zeros(batch, np.int32)
@@ -204,9 +229,10 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
         offsets, heights, widths = zeros, zeros, zeros
     uniforms = (draw_uniforms(config.seed, new, batch) if config.do_sample else np.zeros((1, batch), np.float32))
 
-    step = _Step(model, config, constrained, eos, pad)
+    step = _step_for(model, config, constrained, eos, pad)
     cache = model.init_cache(rows.shape[0], max_length)
-    full_mask = ms.Tensor(np.concatenate([row_mask, np.ones((rows.shape[0], new), np.int32)], 1))
+    full_mask = ms.Tensor(np.concatenate([row_mask, np.ones((rows.shape[0], max_length - prompt_length), np.int32)],
+                                         1))
     positions = np.clip(np.cumsum(row_mask, 1) - 1, 0, None).astype(np.int32)
     constants = (ms.Tensor(heights), ms.Tensor(widths), ms.Tensor(uniforms))
     state = (ms.Tensor(rows), ms.Tensor(positions), ms.Tensor(np.arange(prompt_length, dtype=np.int32)))

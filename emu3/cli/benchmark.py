@@ -1,0 +1,557 @@
+"""The benchmark tables: vision tokenizer, text-to-image, VQA, SFT (as in the public MindSpore
+port's README), plus the per-token decode cost that the fast-generation design is about.
+
+    python -m emu3.cli.benchmark --config small --mode graph --dtype fp32 --compare-reference
+
+--config tiny|small builds random weights of that shape (full 184,622 vocabulary); a directory
+loads real weights in BAAI's layout (with --vq DIR for the vision tokenizer). With
+--compare-reference (CPU, tiny/small) transformers' Emu3 (PyTorch) gets the same weights and is
+timed in the same run; ratios are "ours is faster by". Timings exclude compilation (each timed call
+follows a warm-up call with the same shapes). The tables are printed and written to --output.
+"""
+
+import argparse
+import gc
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LLM_CONFIGS = {
+    "tiny": dict(vocab_size=184622, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=9216),
+    "small": dict(vocab_size=184622, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=9216),
+}
+# Keys of transformers' Emu3VQVAEConfig, whose defaults are BAAI's Emu3-VisionTokenizer ("emu3").
+VQ_CONFIGS = {
+    "tiny": dict(base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[3],
+                 hidden_size=32),
+    "emu3": {},
+}
+GUIDANCE = 3.0
+TOP_K = 2048
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m emu3.cli.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="tiny, small, or a directory with BAAI Emu3 LLM weights")
+    p.add_argument("--vq", default=None, help="tiny, emu3 (the real architecture, random weights) or a weights "
+                   "directory; default: tiny for --config tiny, emu3 otherwise")
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
+    p.add_argument("--mode", default="graph", choices=["pynative", "graph"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--attn", default="eager", choices=["eager", "flash_attention_2"])
+    p.add_argument("--tables", default="vq,t2i,decode,vqa,sft",
+                   help="comma list of vq, t2i, decode, vqa, sft")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also time transformers' Emu3 (PyTorch, CPU) with the same weights and print ratios")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
+    p.add_argument("--image-tokens", default="8x8", help="text-to-image size HxW in tokens (90x90 = 720x720)")
+    p.add_argument("--positions", default="100,4000", help="cache positions for the per-token decode cost")
+    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per position")
+    p.add_argument("--vq-resolution", default="128x128", help="HxW pixels of the vision tokenizer benchmark")
+    p.add_argument("--vq-batch", type=int, default=1)
+    p.add_argument("--vqa-image-tokens", default="16x16", help="HxW tokens of the VQA prompt's image")
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--sft-seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--output", default="benchmark_results.md")
+    return p.parse_args(argv)
+
+
+def _size(text: str):
+    h, w = (int(v) for v in text.lower().split("x"))
+    return h, w
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _table(title, header, rows):
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(reference_s, ours_s):
+    return f"{reference_s / ours_s:.2f}x"
+
+
+class Bench:
+    """Builds the models once (ours, and the PyTorch reference with the same weights) and times them."""
+
+    def __init__(self, args):
+        import mindspore as ms
+        from emu3 import backend
+
+        self.args = args
+        self.ms = ms
+        backend.set_run_mode(args.mode, args.device)
+        if args.device == "CPU":
+            ms.set_context(runtime_num_threads=args.threads)
+        self.dtype_name = args.dtype
+        self.tmp = tempfile.TemporaryDirectory(prefix="emu3-bench-")
+        self.torch = None
+        if args.compare_reference:
+            if args.device != "CPU":
+                raise SystemExit("--compare-reference runs the PyTorch reference on the CPU: use --device CPU.")
+            if args.config not in LLM_CONFIGS:
+                raise SystemExit("--compare-reference builds both models from the same random weights: use "
+                                 "--config tiny or small.")
+            import torch
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(0)
+            self.torch = torch
+        self._llm = self._reference_llm = self._vq = self._reference_vq = None
+
+    # ----- models
+
+    def llm(self):
+        if self._llm is None:
+            from emu3 import weights
+            from emu3.mllm.config import Emu3Config
+            from emu3.mllm.model import Emu3ForCausalLM
+            a = self.args
+            if a.config not in LLM_CONFIGS:
+                self._llm = Emu3ForCausalLM.from_pretrained(a.config, dtype=a.dtype, attn_implementation=a.attn)
+            elif self.torch is None:
+                self._llm = Emu3ForCausalLM(Emu3Config(**LLM_CONFIGS[a.config]), dtype=a.dtype,
+                                            attn_implementation=a.attn)
+            else:
+                config = Emu3Config(**LLM_CONFIGS[a.config])
+                from transformers import Emu3ForCausalLM as TorchEmu3ForCausalLM, Emu3TextConfig
+                self._reference_llm = TorchEmu3ForCausalLM(Emu3TextConfig(
+                    **LLM_CONFIGS[a.config], rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+                    pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+                    eos_token_id=config.eos_token_id)).eval()
+                directory = Path(self.tmp.name) / "llm"
+                weights.write_checkpoint({k: v.numpy() for k, v in self._reference_llm.state_dict().items()},
+                                         directory, config.to_dict())
+                self._llm = Emu3ForCausalLM.from_pretrained(directory, dtype=a.dtype, attn_implementation=a.attn)
+        return self._llm
+
+    def vq(self):
+        if self._vq is None:
+            from emu3.tokenizer import Emu3VisionVQModel
+            a = self.args
+            name = a.vq or ("tiny" if a.config == "tiny" else "emu3")
+            if name not in VQ_CONFIGS:
+                self._vq = Emu3VisionVQModel.from_pretrained(name, dtype=a.dtype)
+                self.vq_name = Path(name).name
+                return self._vq
+            self.vq_name = f"{name} (random weights)"
+            from transformers import Emu3VQVAE, Emu3VQVAEConfig
+            import torch
+            torch.manual_seed(0)
+            reference = Emu3VQVAE(Emu3VQVAEConfig(**VQ_CONFIGS[name])).eval()
+            directory = Path(self.tmp.name) / "vq"
+            reference.save_pretrained(directory, safe_serialization=True)
+            self._vq = Emu3VisionVQModel.from_pretrained(directory, dtype=a.dtype)
+            self._reference_vq = reference if self.torch is not None else None
+        return self._vq
+
+    @property
+    def llm_name(self):
+        a = self.args
+        return f"{a.config} (random weights)" if a.config in LLM_CONFIGS else Path(a.config).name
+
+    # ----- tables
+
+    def vq_table(self):
+        a = self.args
+        model = self.vq()
+        h, w = _size(a.vq_resolution)
+        images = np.random.default_rng(0).uniform(-1, 1, (a.vq_batch, 3, h, w)).astype(np.float32)
+
+        def ours():
+            model.decode(model.encode(images)).asnumpy()
+
+        seconds = _median_seconds(ours, a.repeats)
+        header = ["mode", "model", "precision", "batch", "resolution", "s/step", "img/s"]
+        row = [a.mode, f"VisionTokenizer {self.vq_name}", a.dtype, a.vq_batch, f"{h}x{w}", f"{seconds:.3f}",
+               f"{a.vq_batch / seconds:.2f}"]
+        if self._reference_vq is not None:
+            torch = self.torch
+            reference = self._reference_vq
+            x = torch.from_numpy(images)
+            sizes = torch.tensor([[h, w]] * a.vq_batch)
+
+            def theirs():
+                with torch.no_grad():
+                    reference.decode(torch.stack(reference.encode(x, sizes)))
+
+            ref_seconds = _median_seconds(theirs, a.repeats)
+            header += ["reference s/step", "speed-up"]
+            row += [f"{ref_seconds:.3f}", _ratio(ref_seconds, seconds)]
+            self.targets.append(("vision tokenizer encode+decode speed-up >= 2x", ref_seconds / seconds, 2.0))
+        return _table("Vision tokenizer (image encode + decode)", header, [row])
+
+    def _image_prompt(self, text_tokens: int, h: int, w: int):
+        """A mode-G shaped prompt: bos, text, boi, 'H*W' digits, img (random text ids)."""
+        c = self.llm().config
+        rng = np.random.default_rng(1)
+        digits = [15 + int(d) for d in str(h)] + [9] + [15 + int(d) for d in str(w)]  # Qwen ids of '0'-'9', '*'
+        return np.array([[c.bos_token_id, *rng.integers(0, 151643, text_tokens), c.boi_token_id, *digits,
+                          c.img_token_id]], np.int64)
+
+    def t2i_table(self):
+        from emu3.generation import GenerationConfig, build_prefix_constraint, generate
+        a = self.args
+        model = self.llm()
+        h, w = _size(a.image_tokens)
+        steps = (w + 1) * h + 3
+        prompt = self._image_prompt(24, h, w)
+        negative = self._image_prompt(40, h, w)
+        settings = {
+            "greedy": GenerationConfig(max_new_tokens=steps, guidance_scale=GUIDANCE),
+            f"top-k {TOP_K} sampling": GenerationConfig(max_new_tokens=steps, guidance_scale=GUIDANCE,
+                                                        do_sample=True, top_k=TOP_K, seed=0),
+        }
+        header = ["model", "precision", "batch", "image (tokens)", "CFG", "decoding", "steps", "tokens/s"]
+        if self.torch is not None:
+            header += ["reference tokens/s", "speed-up", "tokens identical"]
+        rows = []
+        compile_counts = []
+        for name, config in settings.items():
+            warm = GenerationConfig(**{**config.__dict__, "max_new_tokens": 2})
+            compile_counts.append(self._count_compiles(
+                lambda: generate(model, prompt, config=warm, negative_input_ids=negative, image_size=(h, w),
+                                 progress=False)))
+            start = time.perf_counter()
+            out = []
+            compile_counts.append(self._count_compiles(lambda: out.append(generate(
+                model, prompt, config=config, negative_input_ids=negative, image_size=(h, w), progress=True))))
+            seconds = time.perf_counter() - start
+            new = out[0].shape[1] - prompt.shape[1]
+            row = [self.llm_name, a.dtype, 1, f"{h}x{w}", GUIDANCE, name, new, f"{new / seconds:.2f}"]
+            if self.torch is not None:
+                torch = self.torch
+                kwargs = dict(max_new_tokens=steps, guidance_scale=GUIDANCE,
+                              negative_prompt_ids=torch.from_numpy(negative),
+                              prefix_allowed_tokens_fn=build_prefix_constraint(h, w, model.config),
+                              eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+                kwargs.update(dict(do_sample=True, top_k=TOP_K) if config.do_sample else dict(do_sample=False))
+                start = time.perf_counter()
+                with torch.no_grad():
+                    ref = self._reference_llm.generate(torch.from_numpy(prompt), **kwargs).numpy()
+                ref_seconds = time.perf_counter() - start
+                ref_new = ref.shape[1] - prompt.shape[1]
+                same = "yes" if np.array_equal(ref, out[0]) else "no"
+                row += [f"{ref_new / ref_seconds:.2f}", _ratio(ref_seconds / ref_new, seconds / new),
+                        same if not config.do_sample else "n/a (sampled)"]
+                if not config.do_sample:
+                    self.targets.append(("greedy CFG image tokens identical to transformers", float(same == "yes"),
+                                         1.0))
+            rows.append(row)
+        if a.mode == "graph":
+            self.notes.append(f"graph compilations during text-to-image: warm-up call (2 tokens) "
+                              f"{compile_counts[0]}, timed call ({steps} tokens) {compile_counts[1]}")
+            self.targets.append(("graph compilations for the full image (after a 2-token warm-up)",
+                                 compile_counts[1], 0))
+        return _table("Text-to-image (classifier-free guidance 3.0, image constraint)", header, rows)
+
+    def _count_compiles(self, fn) -> int:
+        import mindspore.common.api as ms_api
+        executor = ms_api._cell_graph_executor
+        compile_ = executor.compile
+        fresh = []
+
+        def counting(*args, **kwargs):
+            phase, new = compile_(*args, **kwargs)
+            fresh.append(new)
+            return phase, new
+
+        executor.compile = counting
+        try:
+            fn()
+        finally:
+            executor.compile = compile_
+        return sum(fresh)
+
+    def decode_table(self):
+        a = self.args
+        positions = [int(p) for p in a.positions.split(",")]
+        max_length = max(positions) + a.decode_steps + 8
+        kinds = [("text", False, False), ("image", False, True), ("image + CFG", True, True)]
+        header = ["position", "decode", "ms/token", "tokens/s"]
+        if self.torch is not None:
+            header += ["reference ms/token", "speed-up"]
+        rows, ours = [], {}
+        for kind, guided, constrained in kinds:
+            for position in positions:
+                seconds = self._our_decode_seconds(position, max_length, guided, constrained)
+                ours[kind, position] = seconds
+                row = [position, kind, f"{seconds * 1e3:.1f}", f"{1 / seconds:.2f}"]
+                if self.torch is not None:
+                    ref = self._reference_decode_seconds(position, guided, constrained)
+                    ours[kind, position, "ref"] = ref
+                    row += [f"{ref * 1e3:.1f}", _ratio(ref, seconds)]
+                rows.append(row)
+        low, high = min(positions), max(positions)
+        self.targets.append((f"decode cost at position {high} / at {low} (text) <= 1.3",
+                             ours["text", high] / ours["text", low], 1.3))
+        for position in positions:
+            self.targets.append((f"image decode with CFG / without at position {position} <= 1.3",
+                                 ours["image + CFG", position] / ours["image", position], 1.3))
+        if self.torch is not None:
+            for position in positions:
+                self.targets.append((f"decode tokens/s vs reference at position {position} (text) >= 1.0",
+                                     ours["text", position, "ref"] / ours["text", position], 1.0))
+                self.targets.append((f"decode tokens/s vs reference at position {position} (image + CFG) >= 1.0",
+                                     ours["image + CFG", position, "ref"] / ours["image + CFG", position], 1.0))
+        note = (f"one step at cache position p (static cache of {max_length} slots, batch 1; CFG = 2 rows); "
+                f"the reference's step is its forward with a DynamicCache of p entries plus, for CFG, the second "
+                f"forward of transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor, its "
+                f"PrefixConstrainedLogitsProcessor and argmax")
+        return _table("Decode cost per token", header, rows) + f"\n{note}\n"
+
+    def _our_decode_seconds(self, position, max_length, guided, constrained):
+        ms = self.ms
+        from emu3.generation import GenerationConfig
+        from emu3.generation.generate import GenerationStep
+        model = self.llm()
+        c = model.config
+        step = GenerationStep(model, GenerationConfig(guidance_scale=GUIDANCE if guided else None), constrained,
+                              c.eos_token_id, c.pad_token_id)
+        rows = 2 if guided else 1
+        state = {
+            "ids": ms.Tensor(np.full((rows, 1), c.eoi_token_id + 1, np.int32)),
+            "pos": ms.Tensor(np.full((rows, 1), position, np.int32)),
+            "slot": ms.Tensor(np.array([position], np.int32)),
+            "cache": model.init_cache(rows, max_length),
+            "loop": (ms.Tensor(np.zeros(1, np.int32)), ms.Tensor(np.ones(1, np.bool_)),
+                     ms.Tensor(np.array([1], np.int32))),
+        }
+        mask = ms.Tensor(np.ones((rows, max_length), np.int32))
+        constants = (ms.Tensor(np.array([90], np.int32)), ms.Tensor(np.array([90], np.int32)),
+                     ms.Tensor(np.zeros((1, 1), np.float32)))
+
+        def run(n):
+            for _ in range(n):
+                tokens, state["ids"], state["pos"], state["slot"], cache, *loop = step(
+                    state["ids"], state["pos"], state["slot"], mask, ms.mutable(tuple(state["cache"])),
+                    *state["loop"], *constants)
+                state["cache"], state["loop"] = cache, tuple(loop)
+            tokens.asnumpy()
+
+        run(2)
+        start = time.perf_counter()
+        run(self.args.decode_steps)
+        return (time.perf_counter() - start) / self.args.decode_steps
+
+    def _reference_decode_seconds(self, position, guided, constrained):
+        torch = self.torch
+        from transformers import DynamicCache
+        from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+        from emu3.generation import build_prefix_constraint
+        reference = self._reference_llm
+        c = self.llm().config
+        kv_heads, head_dim = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+
+        def filled_cache():
+            cache = DynamicCache()
+            for layer in range(c.num_hidden_layers):
+                cache.update(torch.randn(1, kv_heads, position, head_dim), torch.randn(1, kv_heads, position, head_dim),
+                             layer)
+            return cache
+
+        caches = [filled_cache() for _ in range(2 if guided else 1)]
+        prefix = PrefixConstrainedLogitsProcessor(build_prefix_constraint(90, 90, c), 1) if constrained else None
+        history = torch.full((1, position), c.eoi_token_id + 1)
+        history[0, 0] = c.img_token_id
+        token = torch.tensor([[c.eoi_token_id + 1]])
+
+        def one(p):
+            nonlocal history, token
+            kwargs = dict(position_ids=torch.tensor([[p]]), attention_mask=torch.ones(1, p + 1, dtype=torch.long),
+                          use_cache=True)
+            scores = reference(input_ids=token, past_key_values=caches[0], **kwargs).logits[:, -1].float()
+            if guided:
+                uncond = torch.log_softmax(reference(input_ids=token, past_key_values=caches[1], **kwargs)
+                                           .logits[:, -1].float(), -1)
+                scores = GUIDANCE * (torch.log_softmax(scores, -1) - uncond) + uncond
+            if prefix is not None:
+                scores = prefix(history, scores)
+            token = scores.argmax(-1, keepdim=True)
+            history = torch.cat([history, token], 1)
+
+        with torch.no_grad():
+            for p in range(position, position + 2):
+                one(p)
+            start = time.perf_counter()
+            for p in range(position + 2, position + 2 + self.args.decode_steps):
+                one(p)
+        return (time.perf_counter() - start) / self.args.decode_steps
+
+    def vqa_table(self):
+        from emu3.generation import GenerationConfig, generate
+        a = self.args
+        model = self.llm()
+        c = model.config
+        h, w = _size(a.vqa_image_tokens)
+        rng = np.random.default_rng(2)
+        visual = rng.integers(c.eoi_token_id + 1, c.eoi_token_id + 1 + 32768, (h, w))
+        image = [c.boi_token_id, 15, 9, 15, c.img_token_id,
+                 *np.concatenate([visual, np.full((h, 1), c.eol_token_id)], 1).ravel(), c.eof_token_id,
+                 c.eoi_token_id]
+        prompt = np.array([[c.bos_token_id, *rng.integers(0, 151643, 12), *image, *rng.integers(0, 151643, 16)]],
+                          np.int64)
+        config = GenerationConfig(max_new_tokens=a.answer_tokens, eos_token_id=-1)
+        generate(model, prompt, config=GenerationConfig(max_new_tokens=2, eos_token_id=-1), progress=False)
+        start = time.perf_counter()
+        out = generate(model, prompt, config=config, progress=True)
+        seconds = time.perf_counter() - start
+        new = out.shape[1] - prompt.shape[1]
+        header = ["model", "precision", "batch", "prompt tokens", "steps", "tokens/s (incl. prefill)"]
+        row = [self.llm_name, a.dtype, 1, prompt.shape[1], new, f"{new / seconds:.2f}"]
+        if self.torch is not None:
+            torch = self.torch
+            start = time.perf_counter()
+            with torch.no_grad():
+                ref = self._reference_llm.generate(torch.from_numpy(prompt), max_new_tokens=a.answer_tokens,
+                                                   min_new_tokens=a.answer_tokens, do_sample=False,
+                                                   pad_token_id=c.pad_token_id).numpy()
+            ref_seconds = time.perf_counter() - start
+            ref_new = ref.shape[1] - prompt.shape[1]
+            header += ["reference tokens/s", "speed-up"]
+            row += [f"{ref_new / ref_seconds:.2f}", _ratio(ref_seconds / ref_new, seconds / new)]
+        return _table(f"VQA (greedy answer after a {h}x{w}-token image and a question)", header, [row])
+
+    def sft_table(self):
+        a = self.args
+        model = self.llm()
+        c = model.config
+        rng = np.random.default_rng(3)
+        ids = rng.integers(0, c.vocab_size, (1, a.sft_seq_len)).astype(np.int32)
+        labels = ids.copy()
+        labels[:, : a.sft_seq_len // 4] = -100  # the prompt part carries no loss, as in SFT
+        seconds = self._our_sft_seconds(model, ids, labels)
+        header = ["mode", "model", "precision", "batch", "tokens", "s/step", "samples/s"]
+        row = [a.mode, self.llm_name, a.dtype, 1, a.sft_seq_len, f"{seconds:.3f}", f"{1 / seconds:.3f}"]
+        if self.torch is not None:
+            ref_seconds = self._reference_sft_seconds(ids, labels)
+            header += ["reference s/step", "speed-up"]
+            row += [f"{ref_seconds:.3f}", _ratio(ref_seconds, seconds)]
+        note = ("one step = forward + backward + AdamW update of every parameter (lr 1e-5), written in this "
+                "benchmark (not train/'s trainer); dropout active.")
+        return _table("SFT step", header, [row]) + f"\n{note}\n"
+
+    def _our_sft_seconds(self, model, ids, labels):
+        ms = self.ms
+        from mindspore import nn, ops
+
+        class TrainStep(nn.Cell):
+            def __init__(self, network):
+                super().__init__()
+                self.network = network
+                self.optimizer = nn.AdamWeightDecay(network.trainable_params(), learning_rate=1e-5)
+                self.grad = ops.value_and_grad(self.loss, None, self.optimizer.parameters)
+
+            def loss(self, input_ids, targets):
+                return self.network(input_ids, labels=targets)[0]
+
+            def construct(self, input_ids, targets):
+                loss, grads = self.grad(input_ids, targets)
+                self.optimizer(grads)
+                return loss
+
+        model.set_train(True)
+        step = TrainStep(model)
+        inputs = (ms.Tensor(ids), ms.Tensor(labels))
+        try:
+            return _median_seconds(lambda: step(*inputs).asnumpy(), self.args.repeats)
+        finally:
+            model.set_train(False)
+            del step
+            gc.collect()
+
+    def _reference_sft_seconds(self, ids, labels):
+        torch = self.torch
+        reference = self._reference_llm
+        reference.train()
+        optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-5)
+        inputs = torch.from_numpy(ids).long()
+        targets = torch.from_numpy(labels).long()
+
+        def step():
+            loss = reference(input_ids=inputs, labels=targets).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        try:
+            return _median_seconds(step, self.args.repeats)
+        finally:
+            reference.eval()
+            del optimizer
+            gc.collect()
+
+    def run(self):
+        self.targets, self.notes = [], []
+        tables = {"vq": self.vq_table, "t2i": self.t2i_table, "decode": self.decode_table,
+                  "vqa": self.vqa_table, "sft": self.sft_table}
+        wanted = [t.strip() for t in self.args.tables.split(",") if t.strip()]
+        unknown = sorted(set(wanted) - set(tables))
+        if unknown:
+            raise SystemExit(f"unknown tables {unknown}; choose from {sorted(tables)}")
+        parts = [_header(self.args)]
+        for name in wanted:
+            part = tables[name]()
+            print(part, flush=True)
+            parts.append(part)
+        if self.targets:
+            rows = [[name, f"{value:.2f}", ("<= " if "<=" in name else ">= " if ">=" in name else "= ") + f"{goal:g}",
+                     "yes" if _met(name, value, goal) else "NO"] for name, value, goal in self.targets]
+            part = _table("Targets (issue 5)", ["target", "measured", "goal", "met"], rows)
+            print(part)
+            parts.append(part)
+        for note in self.notes:
+            parts.append(f"- {note}\n")
+        Path(self.args.output).write_text("\n".join(parts))
+        print(f"written to {self.args.output}")
+
+
+def _met(name, value, goal):
+    if "<=" in name:
+        return value <= goal
+    if ">=" in name:
+        return value >= goal
+    return value == goal
+
+
+def _header(args):
+    import mindspore as ms
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = f"mindspore {ms.__version__}"
+    if args.compare_reference:
+        import torch
+        import transformers
+        versions += f", reference: torch {torch.__version__}, transformers {transformers.__version__}"
+    return (f"## emu3-mindspore benchmark\n\nmachine: {args.device}, {cpu}, {os.cpu_count()} cores, "
+            f"{args.threads} threads; {versions}\nconfig: {args.config}, mode {args.mode}, dtype {args.dtype}, "
+            f"attention {args.attn}\n")
+
+
+def main(argv=None):
+    os.environ.setdefault("GLOG_v", "3")
+    args = parse_args(argv)
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()
