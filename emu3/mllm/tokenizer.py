@@ -125,20 +125,27 @@ class Emu3Tokenizer:
             setattr(self, role + "_id", self.special_tokens[token])
 
     @classmethod
-    def from_pretrained(cls, directory, padding_side: str | None = None) -> "Emu3Tokenizer":
-        """Load from a BAAI model directory (emu3.tiktoken, emu3_vision_tokens.txt, tokenizer_config.json)."""
+    def from_pretrained(cls, directory, padding_side: str = "left") -> "Emu3Tokenizer":
+        """Load from a BAAI model directory (emu3.tiktoken, emu3_vision_tokens.txt, tokenizer_config.json).
+
+        Padding is on the left unless asked otherwise (generation needs it there), whatever
+        tokenizer_config.json says.
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
         config = {}
         if (directory / CONFIG_FILE).is_file():
             config = json.loads((directory / CONFIG_FILE).read_text())
-        roles = {k: config[k] for k in DEFAULT_ROLES if isinstance(config.get(k), str)}
-        return cls(
-            directory / VOCAB_FILE, directory / VISION_TOKENS_FILE,
-            padding_side=padding_side or config.get("padding_side", "left"),
-            errors=config.get("errors", "replace"), **roles,
-        )
+        roles = {}
+        for role in DEFAULT_ROLES:
+            value = config.get(role)
+            # transformers may store a token as an AddedToken dict.
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                roles[role] = value
+        return cls(directory / VOCAB_FILE, directory / VISION_TOKENS_FILE, padding_side=padding_side,
+                   errors=config.get("errors", "replace"), **roles)
 
     def save_pretrained(self, directory) -> None:
         """Write the three tokenizer files in BAAI's layout."""

@@ -1,8 +1,9 @@
 """Generation against transformers' generate with the same random weights (greedy, CFG, the image
 constraint), seeded sampling, graph mode == pynative, and compilations that don't grow with length."""
 
+import importlib
+
 import numpy as np
-import mindspore as ms
 import mindspore.common.api as ms_api
 import pytest
 
@@ -10,9 +11,12 @@ from emu3 import backend, weights
 from emu3.generation import GenerationConfig, build_prefix_constraint, generate
 from emu3.generation.constraints import visual_token_ids
 
+# The module, not the function of the same name that emu3.generation exports.
+generate_module = importlib.import_module("emu3.generation.generate")
+
 # Full vocabulary (visual tokens must exist), tiny everything else.
 TINY = dict(vocab_size=184622, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+            num_key_value_heads=2, max_position_embeddings=1024)
 HEIGHT, WIDTH = 3, 4  # a 3x4 token image: 3 * 5 + 3 = 18 new tokens
 EMU3_CONFIG = None  # set by the models fixture
 
@@ -70,7 +74,7 @@ def image_prompts(config, rng, text_lengths):
     return ids, mask
 
 
-def test_greedy_left_padded_batch_matches_transformers(run_mode, models, torch_reference, rng):
+def test_greedy_left_padded_batch_matches_transformers(models, torch_reference, rng):
     reference, model = models
     ids, mask = text_prompts(rng, [3, 7])
     expected = reference_generate(torch_reference, reference, ids, mask, 8, model.config.eos_token_id)
@@ -119,22 +123,24 @@ def test_sampling_is_seeded_well_formed_and_mode_independent(models, rng):
     negative[1] = negative[0]
 
     def sampled(seed, mode):
-        settings = GenerationConfig(max_new_tokens=20, do_sample=True, top_k=2048, top_p=0.95, temperature=1.2,
+        settings = GenerationConfig(max_new_tokens=16, do_sample=True, top_k=2048, top_p=0.95, temperature=1.2,
                                     seed=seed, guidance_scale=3.0, mode=mode)
-        return generate(model, ids, mask, settings, negative_input_ids=negative, image_size=(2, 5), progress=False)
+        return generate(model, ids, mask, settings, negative_input_ids=negative, image_size=(2, 3), progress=False)
 
     first = sampled(7, "pynative")
     for row in first[:, ids.shape[1]:]:
-        assert_well_formed(row, config, 2, 5)
+        assert_well_formed(row, config, 2, 3)
     assert np.array_equal(first, sampled(7, "pynative"))
     assert not np.array_equal(first, sampled(8, "pynative"))
     assert np.array_equal(first, sampled(7, "graph"))
     assert backend.run_mode() == "pynative"  # a per-call mode is restored afterwards
 
 
-def test_graph_compilations_do_not_grow_with_new_tokens(models, rng, monkeypatch):
-    _, model = models
+def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, torch_reference, rng, monkeypatch):
+    """Graph mode: the decode step compiles once per shape, however many tokens it produces."""
+    reference, model = models
     backend.set_run_mode("graph", "CPU")
+    monkeypatch.setattr(generate_module, "_CACHE_BUCKET", 16)  # 3 and 40 new tokens: two cache sizes
     compiled = []
     compile_ = ms_api._cell_graph_executor.compile
 
@@ -146,13 +152,14 @@ def test_graph_compilations_do_not_grow_with_new_tokens(models, rng, monkeypatch
     monkeypatch.setattr(ms_api._cell_graph_executor, "compile", counting_compile)
     ids, mask = text_prompts(rng, [4, 6])
     counts = []
-    for new in (3, 300, 40):
+    for new in (3, 40):
         compiled.clear()
-        generate(model, ids, mask, GenerationConfig(max_new_tokens=new), progress=False)
+        got = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), progress=False)
         counts.append(sum(compiled))
-    # The first call compiles the prefill and the decode step; 300 tokens (a larger cache bucket)
-    # compile those two again, not one per token; 40 tokens fall in the first call's bucket.
-    assert counts == [2, 2, 0], counts
+        expected = reference_generate(torch_reference, reference, ids, mask, new, model.config.eos_token_id)
+        np.testing.assert_array_equal(got, expected)
+    # Each call: one graph for the prefill, one for the decode step; 40 tokens compile no more than 3.
+    assert counts == [2, 2], counts
 
 
 def test_bad_inputs_have_clear_errors(models):

@@ -6,19 +6,15 @@ lowest-ranked adjacent pair until none is mergeable) without tiktoken.
 """
 
 import base64
-import importlib.util
 import json
-import shutil
 import unicodedata
-from pathlib import Path
 
 import numpy as np
 import pytest
 import regex
 
-from emu3.mllm.tokenizer import (
-    CONFIG_FILE, VISION_TOKENS_FILE, VOCAB_FILE, Emu3Tokenizer, vision_token_names,
-)
+from emu3.mllm.tokenizer import CONFIG_FILE, VISION_TOKENS_FILE, VOCAB_FILE, Emu3Tokenizer
+from tests.mllm.tokenizer_files import qwen_vocab_file, write_tokenizer_files
 
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -36,16 +32,9 @@ TEXTS = [
 ]
 
 
-def qwen_vocab_file() -> Path:
-    return Path(importlib.util.find_spec("dashscope").origin).parent / "resources" / "qwen.tiktoken"
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("emu3_tokenizer")
-    shutil.copyfile(qwen_vocab_file(), directory / VOCAB_FILE)
-    (directory / VISION_TOKENS_FILE).write_text("\n".join(vision_token_names()) + "\n")
-    return directory
+    return write_tokenizer_files(tmp_path_factory.mktemp("emu3_tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +160,11 @@ def test_save_and_reload(tok, tokenizer_dir, tmp_path):
     again = Emu3Tokenizer.from_pretrained(tmp_path)
     assert again.special_tokens == tok.special_tokens
     assert again.encode(TEXTS[5]) == tok.encode(TEXTS[5])
+    # transformers-style entries (AddedToken dicts, right padding) still give Emu3's roles, left padded.
+    config.update(bos_token={"content": "<|extra_203|>", "special": True}, padding_side="right")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    again = Emu3Tokenizer.from_pretrained(tmp_path)
+    assert again.bos_token_id == 151849 and again.padding_side == "left"
 
 
 def test_clear_errors(tok, tmp_path):

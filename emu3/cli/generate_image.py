@@ -1,0 +1,123 @@
+"""Text-to-image with Emu3-Gen: prompts in, PNG files out.
+
+    python -m emu3.cli.generate_image --model Emu3-Gen --vq Emu3-VisionTokenizer \
+        --prompt "a portrait of young girl." --ratio 16:9 --output-dir outputs
+
+Each prompt gets BAAI's quality suffix, classifier-free guidance against BAAI's negative prompt
+(the unconditional branch keeps its own KV cache), the prefix constraint that makes the output an
+H x W grid of visual tokens, and top-k sampling, then the vision tokenizer decodes the tokens.
+"""
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emu3.cli.loading import add_model_arguments, check_model_arguments, load
+from emu3.generation.generate import GenerationConfig, generate
+from emu3.mllm.processor import generation_size, image_tokens_to_generate, parse_ratio
+
+POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
+NEGATIVE_PROMPT = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
+)
+DEFAULT_PROMPT = "a portrait of young girl."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="infer_img_gen.sh", description=__doc__.split("\n")[0])
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: one sample prompt)")
+    p.add_argument("--ratio", default="1:1", help="width:height of the images, e.g. 1:1, 16:9, 3:4 (default 1:1)")
+    p.add_argument("--image-area", type=int,
+                   help="pixels per image (default: the model's image_area, 518400 = 720x720 for Emu3-Gen)")
+    p.add_argument("--guidance-scale", type=float, default=3.0,
+                   help="classifier-free guidance scale; 1 turns guidance off (default 3.0)")
+    p.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="the unconditional prompt (default: BAAI's)")
+    p.add_argument("--positive-suffix", default=POSITIVE_SUFFIX,
+                   help=f"appended to every prompt (default {POSITIVE_SUFFIX!r}; '' for none)")
+    p.add_argument("--top-k", type=int, default=2048, help="sample among the k likeliest tokens (default 2048)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--greedy", action="store_true", help="always take the likeliest token instead of sampling")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed: same seed, same images (default 42)")
+    p.add_argument("--output-dir", default="outputs", help="where the PNG files go (default outputs/)")
+    add_model_arguments(p, "BAAI Emu3-Gen directory (config.json, safetensors, emu3.tiktoken, ...)")
+    return p.parse_args(argv)
+
+
+def slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:length] or "image"
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_model_arguments(args)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    if args.guidance_scale < 1.0:
+        sys.exit(f"error: --guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
+    try:
+        # Bad ratios and areas are refused before any model is loaded.
+        if args.image_area is None:
+            parse_ratio(args.ratio)
+        else:
+            generation_size(args.ratio, args.image_area)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+    model, processor, is_demo = load(args)
+    config = model.config
+    image_area = args.image_area or config.image_area
+    try:
+        pos = processor([p + args.positive_suffix for p in prompts], mode="G", ratio=args.ratio, image_area=image_area)
+        neg = processor(args.negative_prompt, mode="G", ratio=args.ratio, image_area=image_area)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    h, w = (int(v) for v in pos["image_size"][0])
+    batch = len(prompts)
+    gen_config = GenerationConfig(
+        max_new_tokens=image_tokens_to_generate(h, w), do_sample=not args.greedy, top_k=args.top_k,
+        top_p=args.top_p, temperature=args.temperature, seed=args.seed, guidance_scale=args.guidance_scale,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+    use_cfg = args.guidance_scale != 1.0
+    print(f"generating {batch} image(s) of {h}x{w} tokens ({8 * h}x{8 * w} pixels), "
+          f"{gen_config.max_new_tokens} tokens each{', with CFG' if use_cfg else ''}", file=sys.stderr)
+    start = time.perf_counter()
+    ids = generate(
+        model, pos["input_ids"], pos["attention_mask"], gen_config,
+        negative_input_ids=np.repeat(neg["input_ids"], batch, 0) if use_cfg else None,
+        negative_attention_mask=np.repeat(neg["attention_mask"], batch, 0) if use_cfg else None,
+        image_size=(h, w),
+    )
+    seconds = time.perf_counter() - start
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (prompt, row) in enumerate(zip(prompts, ids)):
+        images = [part for part in processor.decode(row) if not isinstance(part, str)]
+        path = out_dir / f"{i:03d}_{slug(prompt)}.png"
+        images[0].save(path)
+        written.append(path)
+        print(f"{path}  <- {prompt!r}")
+    meta = {"prompts": prompts, "files": [p.name for p in written], "ratio": args.ratio, "image_area": image_area,
+            "tokens": [h, w], "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
+            "temperature": args.temperature, "greedy": args.greedy, "seed": args.seed,
+            "seconds": round(seconds, 2)}
+    if is_demo:
+        meta["random_demo_weights"] = True
+    (out_dir / "generation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if is_demo:
+        print("NOTE: these images come from RANDOM demo weights and are noise.", file=sys.stderr)
+    return written
+
+
+if __name__ == "__main__":
+    main()
