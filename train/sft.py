@@ -36,6 +36,7 @@ OPTIONS = {
     "tokenizer_path": (str, None, "directory with emu3.tiktoken + emu3_vision_tokens.txt (default: model_path)"),
     "data_path": (str, None, "prepared data directory (holds list/train.json)"),
     "output_dir": (str, "outputs/sft", "where log.jsonl and checkpoints/ go"),
+    "device": (str, None, "CPU or Ascend (default: MindSpore's default device)"),
     "mode": (str, "pynative", "pynative or graph"),
     "dtype": (str, "fp32", "compute dtype: fp32, fp16 (dynamic loss scaling) or bf16 (Ascend)"),
     "attn_implementation": (str, "eager", "eager or flash_attention_2 (Ascend)"),
@@ -129,7 +130,7 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        backend.set_run_mode(args.mode)
+        backend.set_run_mode(args.mode, args.device)
         ms.set_seed(args.seed)
         self.ps = init_parallel(args.sp_size)
         if args.max_length % args.sp_size:
