@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank, init
 
@@ -155,13 +156,16 @@ class UlyssesAttention(nn.Cell):
         b, h, s, d = x.shape
         return ops.broadcast_to(x[:, :, None], (b, h, self.kv_repeat, s, d)).reshape(b, h * self.kv_repeat, s, d)
 
+    @staticmethod
+    def _causal_mask(length: int):
+        # Built as a constant, not by arithmetic: 0 * -inf would be NaN once cast to fp16.
+        return ms.Tensor(np.triu(np.full((1, 1, length, length), -1e9, np.float32), 1))
+
     def construct(self, q, k, v, mask):
         q = self.seq_to_heads(q)
         k = self.seq_to_heads(self._repeat_kv(k))
         v = self.seq_to_heads(self._repeat_kv(v))
-        length = q.shape[2]
-        causal = ops.triu(ops.ones((length, length), ms.float32), 1) * ms.Tensor(-1e9, ms.float32)
-        out = self.inner(q, k, v, causal.reshape(1, 1, length, length))
+        out = self.inner(q, k, v, self._causal_mask(q.shape[2]))
         return self.heads_to_seq(out)
 
 

@@ -38,7 +38,8 @@ OPTIONS = {
     "output_dir": (str, "outputs/sft", "where log.jsonl and checkpoints/ go"),
     "device": (str, None, "CPU or Ascend (default: MindSpore's default device)"),
     "mode": (str, "pynative", "pynative or graph"),
-    "dtype": (str, "fp32", "compute dtype: fp32, fp16 (dynamic loss scaling) or bf16 (Ascend)"),
+    "dtype": (str, "fp32", "weights/compute dtype: fp32, fp16 (dynamic loss scaling) or bf16 (Ascend); "
+                           "AdamW always updates fp32 master weights"),
     "attn_implementation": (str, "eager", "eager or flash_attention_2 (Ascend)"),
     "max_length": (int, 4200, "tokens per sequence (padded/truncated to this)"),
     "batch_size": (int, 1, "sequences per micro-batch per data-parallel replica"),
@@ -103,16 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _load_model(args):
     from emu3.mllm.model import Emu3ForCausalLM
 
-    # Master weights stay fp32; fp16/bf16 is the compute dtype (mixed precision, norms in fp32).
-    model = Emu3ForCausalLM.from_pretrained(args.model_path, dtype="fp32",
+    model = Emu3ForCausalLM.from_pretrained(args.model_path, dtype=args.dtype,
                                             attn_implementation=args.attn_implementation)
-    if args.dtype != "fp32":
-        from mindone.utils.amp import auto_mixed_precision
-
-        from emu3.mllm.model import Emu3RMSNorm
-
-        model = auto_mixed_precision(model, amp_level="O2", dtype=backend.parse_dtype(args.dtype),
-                                     custom_fp32_cells=[Emu3RMSNorm])
     if args.recompute:
         model.enable_recompute()
     model.set_train(True)
@@ -145,10 +138,13 @@ class Run:
             self.full_shapes = {p.name: tuple(p.shape) for p in self.model.trainable_params()}
         self.sharded = args.zero_stage == 3 and self.ps.world_size > 1
         self.params = self.model.trainable_params()
-        self.optimizer = AdamW(self.params, self.full_shapes, (args.adam_beta1, args.adam_beta2),
+        # fp16/bf16 weights compute forward and backward; AdamW updates fp32 master copies of them.
+        low = args.dtype != "fp32"
+        self.master = [ms.Parameter(p.astype(ms.float32), name=p.name) for p in self.params] if low else self.params
+        self.optimizer = AdamW(self.master, self.full_shapes, (args.adam_beta1, args.adam_beta2),
                                args.adam_eps, args.weight_decay)
         self.loss_and_grads = LossAndGrads(self.model, self.params)
-        self.check = GradientCheck(self.ps, self.sharded, scaled=args.dtype == "fp16")
+        self.check = GradientCheck(self.ps, self.sharded, scaled=args.dtype == "fp16", low_precision=low)
         self.scaler = LossScaler(args.loss_scale if args.dtype == "fp16" else 1.0,
                                  args.loss_scale_window, dynamic=args.dtype == "fp16")
         self.dataset = SFTDataset(args.data_path, _load_tokenizer(args), args.task, args.max_length,
@@ -168,7 +164,7 @@ class Run:
                 "model_config": self.model_config, "args": vars(self.args)}
 
     def save(self) -> None:
-        tensors = checkpoint.parameter_arrays(self.params)
+        tensors = checkpoint.parameter_arrays(self.master)
         tensors.update(checkpoint.parameter_arrays(self.optimizer.m))
         tensors.update(checkpoint.parameter_arrays(self.optimizer.v))
         tensors["optimizer.step"] = self.optimizer.step.asnumpy().reshape(1)
@@ -190,7 +186,8 @@ class Run:
                 raise ValueError(f"{directory} was saved with {key}={state[key]}, this run has {mine}; "
                                  "resume with the same launch settings (or merge the shards and start anew)")
         arrays = checkpoint.load_rank(directory, self.ps.rank)
-        checkpoint.assign_arrays(self.params, arrays, directory)
+        checkpoint.assign_arrays(self.master, arrays, directory)
+        self.copy_master_to_model()
         checkpoint.assign_arrays(self.optimizer.m, arrays, directory)
         checkpoint.assign_arrays(self.optimizer.v, arrays, directory)
         self.optimizer.step.set_data(ms.Tensor(int(arrays["optimizer.step"][0]), ms.int32))
@@ -199,6 +196,11 @@ class Run:
         self.scaler.scale, self.scaler.good_steps = state["loss_scale"], state["loss_scale_good_steps"]
         if self.ps.rank == 0:
             logger.info("resumed from %s at step %d", directory, self.step)
+
+    def copy_master_to_model(self) -> None:
+        if self.master is not self.params:
+            for param, master in zip(self.params, self.master):
+                ops.assign(param, master.astype(param.dtype))
 
     # ---- training ----------------------------------------------------------------------------
     def micro_batch(self):
@@ -234,6 +236,7 @@ class Run:
                 clip = ms.Tensor(args.max_grad_norm / (norm + 1e-6), ms.float32)
                 grads = tuple(g * clip for g in grads)
             self.optimizer(grads, ms.Tensor(lr, ms.float32))
+            self.copy_master_to_model()
         record = {"step": self.step + 1, "loss": float(loss.asnumpy()), "lr": lr, "grad_norm": norm,
                   "loss_scale": self.scaler.scale, "overflow": overflow}
         self.scaler.update(overflow)

@@ -67,11 +67,12 @@ class GradientCheck(nn.Cell):
     the overflow flag are summed across ranks; without it, whole gradients are all-reduced.
     """
 
-    def __init__(self, state: ParallelState, sharded: bool, scaled: bool):
+    def __init__(self, state: ParallelState, sharded: bool, scaled: bool, low_precision: bool):
         super().__init__()
         self.multi = state.world_size > 1
         self.sharded = sharded
         self.scaled = scaled
+        self.low_precision = low_precision
         if self.multi:
             self.allreduce = ops.AllReduce(ops.ReduceOp.SUM, group=state.world_group)
         self.hyper_map = ops.HyperMap()
@@ -79,6 +80,8 @@ class GradientCheck(nn.Cell):
     def construct(self, grads, loss_scale):
         if self.multi and not self.sharded:
             grads = self.hyper_map(self.allreduce, grads)
+        if self.low_precision:  # fp16/bf16 gradients of fp16/bf16 weights; the update is in fp32
+            grads = tuple([g.astype(ms.float32) for g in grads])
         if self.scaled:
             inv = 1.0 / loss_scale
             grads = tuple([g * inv for g in grads])

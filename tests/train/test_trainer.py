@@ -1,11 +1,18 @@
-"""The optimiser pieces against their definitions (torch.optim.AdamW, the cosine schedule)."""
+"""The optimiser pieces against their definitions (torch.optim.AdamW, the cosine schedule), fp16
+loss scaling, and graph mode against pynative."""
 
+import json
+import logging
 import math
 
 import mindspore as ms
 import numpy as np
+import pytest
 
+from train.sft import Run, parse_args
 from train.trainer import AdamW, LossScaler, cosine_lr
+
+from .conftest import grid, make_data, make_model_dir
 
 
 def test_adamw_matches_torch_with_weight_decay_on_matrices_only(rng, torch_reference):
@@ -58,3 +65,45 @@ def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_window():
     fixed = LossScaler(scale=1.0)
     fixed.update(True)
     assert fixed.scale == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    model_dir = make_model_dir(root / "model")
+    data = make_data(root / "data", [{"name": "a", "images": grid(0, 2, 3), "texts": "a red square"},
+                                     {"name": "b", "images": grid(1, 2, 3), "texts": "a blue circle"}])
+    return root, ["--model_path", str(model_dir), "--data_path", str(data), "--max_length", "24",
+                  "--batch_size", "2", "--null_prompt_prob", "0", "--save_steps", "100", "--lr", "1e-3"]
+
+
+def test_fp16_dynamic_loss_scaling_skips_overflow_steps(tiny_run_args, caplog):
+    root, common = tiny_run_args
+    reference = Run(parse_args(common + ["--output_dir", str(root / "fp32")])).train_step()
+
+    overflowing = Run(parse_args(common + ["--output_dir", str(root / "ovf"), "--dtype", "fp16",
+                                           "--loss_scale", str(2.0**40), "--max_steps", "1"]))
+    before = [p.asnumpy().copy() for p in overflowing.params]
+    with caplog.at_level(logging.WARNING):
+        overflowing.train()
+    record = json.loads((root / "ovf" / "log.jsonl").read_text().splitlines()[0])
+    assert record["overflow"] and "overflow, update skipped" in caplog.text
+    assert all(np.array_equal(b, p.asnumpy()) for b, p in zip(before, overflowing.params))
+    assert overflowing.scaler.scale == 2.0**39
+    assert overflowing.params[0].dtype == ms.float16 and overflowing.master[0].dtype == ms.float32
+
+    clean = Run(parse_args(common + ["--output_dir", str(root / "fp16"), "--dtype", "fp16", "--loss_scale", "1024"]))
+    record = clean.train_step()
+    assert not record["overflow"]
+    assert record["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=2e-3)
+
+
+def test_graph_mode_with_recompute_matches_pynative(tiny_run_args):
+    root, common = tiny_run_args
+    losses = {}
+    for mode in ("pynative", "graph"):
+        run = Run(parse_args(common + ["--output_dir", str(root / mode), "--mode", mode, "--recompute", "true"]))
+        losses[mode] = [run.train_step()["loss"] for _ in range(2)]
+    np.testing.assert_allclose(losses["graph"], losses["pynative"], rtol=1e-6)
+    assert losses["pynative"][1] < losses["pynative"][0]
