@@ -51,7 +51,7 @@ def test_vqa_memorises_its_answer(tmp_path):
     codes = grid(12, 2, 2)
     question, answer = "What is shown?", " A red square on white."
     run = fine_tune(tmp_path, "vqa", [{"name": "q", "images": codes, "texts": question, "response": answer}],
-                    steps=16, lr=2e-2, max_length=48)
+                    steps=30, lr=2e-2, max_length=48)
     ds = run.dataset
     prompt = ([ds.tok.bos_token_id] + ds.tok.encode(VQA_SYSTEM) + ds.image_ids(codes)
               + ds.tok.encode(question + VQA_ASSISTANT))
