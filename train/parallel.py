@@ -73,8 +73,12 @@ def init_parallel(sp_size: int = 1, distributed: bool | None = None) -> Parallel
 
 
 def _chunk(x, n: int, index: int, axis: int):
+    # Plain static slices: the forms graph mode compiles (ops.narrow / split fail there).
     size = x.shape[axis] // n
-    return ops.narrow(x, axis, index * size, size)
+    start = index * size
+    if axis == 1:
+        return x[:, start:start + size]
+    return x[:, :, start:start + size]
 
 
 class AllToAll(nn.Cell):
@@ -126,7 +130,9 @@ class ReduceScatter(nn.Cell):
     def construct(self, x):
         if self.native:
             return self.op(x)
-        return _chunk(self.op(x), self.size, self.rank, 0)
+        total = self.op(x)
+        size = total.shape[0] // self.size
+        return total[self.rank * size:(self.rank + 1) * size]
 
 
 class UlyssesAttention(nn.Cell):
