@@ -132,8 +132,8 @@ def _eager_attention(query, key, value, mask, dropout):
     scale = 1.0 / math.sqrt(d)
     scores = _MATMUL_NT(q, key).astype(ms.float32) * scale
     if mask is not None:
-        scores = scores.reshape(b, kv_heads, n_rep, length, s) + mask.astype(ms.float32)[:, :, None]
-        scores = scores.reshape(b, kv_heads, n_rep * length, s)
+        mask = ops.broadcast_to(mask.astype(ms.float32), (mask.shape[0], 1, length, s))
+        scores = scores + ops.tile(mask, (1, 1, n_rep, 1))  # row r * length + l is query head r, position l
     probs = ops.softmax(scores, -1)
     if dropout > 0.0:
         probs = ops.dropout(probs, p=dropout)

@@ -2,9 +2,12 @@
 
 import numpy as np
 import mindspore as ms
+import pytest
 from mindspore import nn
 
-from tests.mllm.tiny import generate_position_ids, left_padded_batch, tiny_model, torch_twin
+from emu3 import backend
+from emu3.mllm import Emu3ForCausalLM
+from tests.mllm.tiny import generate_position_ids, left_padded_batch, tiny_config, tiny_model, torch_twin
 
 TOL = 1e-4
 
@@ -116,8 +119,6 @@ class _DecodeStep(nn.Cell):
 
 
 def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
-    from emu3 import backend
-
     model = tiny_model()
     ids, mask = left_padded_batch(rng, [6, 3], 512, 6)
     new_tokens = rng.integers(3, 512, (2, 6))
@@ -129,3 +130,108 @@ def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
     assert len(step.compile_cache) == 2
     for got, want in zip(graph, eager):
         assert np.abs(got - want).max() < 1e-5
+
+
+def test_full_vocabulary_forward_and_cached_match_reference(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(vocab_size=184622, pad_token_id=151643, bos_token_id=151849, eos_token_id=151850)
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 184622, (1, 6))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(model(_t(ids)).asnumpy() - expected).max() < TOL
+    cache = model.init_cache(1, 8)
+    logits, _ = model.forward_cached(_t(ids), _t(np.arange(6)[None]), _t(np.arange(6)), _t(np.ones((1, 8))), cache)
+    assert logits.shape == (1, 184622)
+    assert np.abs(logits.asnumpy() - expected[:, -1]).max() < TOL
+
+
+def test_gradients_match_reference_and_recompute_changes_nothing(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model()
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 512, (2, 8))
+    ref(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.backward()
+    expected = {n: p.grad.numpy() for n, p in ref.named_parameters()}
+    params = model.trainable_params()
+
+    def loss_fn(x):
+        return model(x, labels=x)[0]
+
+    grads = ms.grad(loss_fn, grad_position=None, weights=params)(_t(ids))
+    for p, g in zip(params, grads):
+        assert np.abs(g.asnumpy() - expected[p.name]).max() < TOL, p.name
+    model.enable_recompute()
+    grads_rc = ms.grad(loss_fn, grad_position=None, weights=params)(_t(ids))
+    for g, g_rc in zip(grads, grads_rc):
+        np.testing.assert_allclose(g_rc.asnumpy(), g.asnumpy(), atol=1e-6)
+
+
+def test_fp16_weights_keep_norms_softmax_and_logits_in_fp32(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(dtype="fp16")
+    assert all(p.dtype == ms.float16 for p in model.get_parameters())
+    ref = torch_twin(model, torch)  # the same (fp16-rounded) weights, computed in fp32
+    ids = rng.integers(0, 512, (2, 10))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids)).logits.numpy()
+    out = model(_t(ids))
+    assert out.dtype == ms.float32
+    assert np.abs(out.asnumpy() - expected).max() < 2e-2
+
+
+def test_flash_attention_on_cpu_warns_and_falls_back(caplog):
+    with caplog.at_level("WARNING"):
+        model = Emu3ForCausalLM(tiny_config(), attn_implementation="flash_attention_2")
+    assert model.attn_implementation == "eager" and "falling back to 'eager'" in caplog.text
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        Emu3ForCausalLM(tiny_config(), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="bf16"):
+        Emu3ForCausalLM(tiny_config(), dtype="bf16")
+
+
+class _TrainForward(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, attention_mask, labels):
+        return self.model(input_ids, attention_mask, labels=labels)
+
+
+def test_graph_full_forward_and_loss_equal_pynative(rng):
+    model = tiny_model()
+    ids, mask = left_padded_batch(rng, [8, 5], 512, 8)
+    loss, logits = model(_t(ids), _t(mask), labels=_t(ids))
+    backend.set_run_mode("graph", "CPU")
+    loss_g, logits_g = _TrainForward(model)(_t(ids), _t(mask), _t(ids))
+    assert abs(loss_g.asnumpy() - loss.asnumpy()) < 1e-6
+    assert np.abs(logits_g.asnumpy() - logits.asnumpy()).max() < 1e-5
+
+
+def test_wrong_shapes_are_clear_errors():
+    model = tiny_model()
+    ids = _t(np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\), got \(2, 4\)"):
+        model(ids, _t(np.ones((2, 4))))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\)"):
+        model(ids, labels=_t(np.ones((1, 5))))
+    cache = model.init_cache(2, 8)
+    pos, slots = _t(np.zeros((2, 5))), _t(np.arange(5))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 8\), got \(2, 5\)"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 5))), cache)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), model.init_cache(1, 8))
+    with pytest.raises(ValueError, match="max_position_embeddings 128"):
+        model.init_cache(1, 129)
+
+
+def test_rotary_embedding_matches_reference_at_long_positions(torch_reference, rng):
+    torch = torch_reference
+    model = tiny_model(num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=9216)  # head dim 64
+    ref = torch_twin(model, torch)
+    ids = rng.integers(0, 512, (1, 8))
+    pos = 9200 + np.arange(8)[None]
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert np.abs(model(_t(ids), position_ids=_t(pos)).asnumpy() - expected).max() < TOL
