@@ -54,6 +54,9 @@ def demo_checkpoints() -> tuple[Path, Path]:
     """(llm_dir, vq_dir) of the tiny random demo checkpoints, built on first use and cached."""
     root = demo_root()
     if not (root / LLM_DIR).is_dir() or not (root / VQ_DIR).is_dir():
+        if root.exists():
+            # Not one of our atomic builds (someone removed part of it): start again.
+            shutil.rmtree(root)
         _build(root)
     return root / LLM_DIR, root / VQ_DIR
 

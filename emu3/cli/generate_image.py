@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token instead of sampling")
     p.add_argument("--seed", type=int, default=42, help="sampling seed: same seed, same images (default 42)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts generated together (default 1; each row with CFG holds two KV caches)")
     p.add_argument("--output-dir", default="outputs", help="where the PNG files go (default outputs/)")
     add_model_arguments(p, "BAAI Emu3-Gen directory (config.json, safetensors, emu3.tiktoken, ...)")
     return p.parse_args(argv)
@@ -60,6 +62,8 @@ def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_model_arguments(args)
     prompts = args.prompt or [DEFAULT_PROMPT]
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size must be at least 1, got {args.batch_size}")
     if args.guidance_scale < 1.0:
         sys.exit(f"error: --guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
     try:
@@ -75,42 +79,48 @@ def main(argv=None) -> list[Path]:
     config = model.config
     image_area = args.image_area or config.image_area
     try:
-        pos = processor([p + args.positive_suffix for p in prompts], mode="G", ratio=args.ratio, image_area=image_area)
+        # All prompts are checked (lengths against the context window) before any generation.
+        every = processor([p + args.positive_suffix for p in prompts], mode="G", ratio=args.ratio,
+                          image_area=image_area)
         neg = processor(args.negative_prompt, mode="G", ratio=args.ratio, image_area=image_area)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    h, w = (int(v) for v in pos["image_size"][0])
-    batch = len(prompts)
+    h, w = (int(v) for v in every["image_size"][0])
     gen_config = GenerationConfig(
         max_new_tokens=image_tokens_to_generate(h, w), do_sample=not args.greedy, top_k=args.top_k,
         top_p=args.top_p, temperature=args.temperature, seed=args.seed, guidance_scale=args.guidance_scale,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
     use_cfg = args.guidance_scale != 1.0
-    print(f"generating {batch} image(s) of {h}x{w} tokens ({8 * h}x{8 * w} pixels), "
+    f = processor.spatial_factor
+    print(f"generating {len(prompts)} image(s) of {h}x{w} tokens ({f * w}x{f * h} pixels), "
           f"{gen_config.max_new_tokens} tokens each{', with CFG' if use_cfg else ''}", file=sys.stderr)
-    start = time.perf_counter()
-    ids = generate(
-        model, pos["input_ids"], pos["attention_mask"], gen_config,
-        negative_input_ids=np.repeat(neg["input_ids"], batch, 0) if use_cfg else None,
-        negative_attention_mask=np.repeat(neg["attention_mask"], batch, 0) if use_cfg else None,
-        image_size=(h, w),
-    )
-    seconds = time.perf_counter() - start
-
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (prompt, row) in enumerate(zip(prompts, ids)):
-        images = [part for part in processor.decode(row) if not isinstance(part, str)]
-        path = out_dir / f"{i:03d}_{slug(prompt)}.png"
-        images[0].save(path)
-        written.append(path)
-        print(f"{path}  <- {prompt!r}")
+    start = time.perf_counter()
+    for first in range(0, len(prompts), args.batch_size):
+        chunk = prompts[first:first + args.batch_size]
+        inputs = processor([p + args.positive_suffix for p in chunk], mode="G", ratio=args.ratio,
+                           image_area=image_area)
+        rows = len(chunk)
+        ids = generate(
+            model, inputs["input_ids"], inputs["attention_mask"], gen_config,
+            negative_input_ids=np.repeat(neg["input_ids"], rows, 0) if use_cfg else None,
+            negative_attention_mask=np.repeat(neg["attention_mask"], rows, 0) if use_cfg else None,
+            image_size=(h, w),
+        )
+        for i, (prompt, row) in enumerate(zip(chunk, ids), first):
+            images = [part for part in processor.decode(row) if not isinstance(part, str)]
+            path = out_dir / f"{i:03d}_{slug(prompt)}.png"
+            images[0].save(path)
+            written.append(path)
+            print(f"{path}  <- {prompt!r}")
+    seconds = time.perf_counter() - start
     meta = {"prompts": prompts, "files": [p.name for p in written], "ratio": args.ratio, "image_area": image_area,
             "tokens": [h, w], "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
             "temperature": args.temperature, "greedy": args.greedy, "seed": args.seed,
-            "seconds": round(seconds, 2)}
+            "batch_size": args.batch_size, "seconds": round(seconds, 2)}
     if is_demo:
         meta["random_demo_weights"] = True
     (out_dir / "generation.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--question", action="append",
                    help=f"a question: one for all images or one per image (default {DEFAULT_QUESTION!r})")
     p.add_argument("--max-new-tokens", type=int,
-                   help=f"longest answer in tokens (default {MAX_NEW_TOKENS}; {DEMO_MAX_NEW_TOKENS} with the demo weights)")
+                   help=f"longest answer in tokens (default {MAX_NEW_TOKENS}; {DEMO_MAX_NEW_TOKENS} with the "
+                        "demo weights)")
     p.add_argument("--sample", action="store_true", help="sample answers instead of greedy decoding")
     p.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k likeliest tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus threshold (default 1.0: off)")

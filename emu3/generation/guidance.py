@@ -10,7 +10,7 @@ from mindspore import ops
 
 def classifier_free_guidance(logits, guidance_scale: float):
     """(2B, V) logits -> (B, V) guided log-probability scores."""
-    batch = logits.shape[0] // 2
-    logprobs = ops.log_softmax(logits, -1)
-    cond, uncond = logprobs[:batch], logprobs[batch:]
+    # ops.split, not logprobs[:B]: in GRAPH mode on CPU that slice of a (2B, 184622) tensor costs
+    # ~25 ms, split ~0.3 ms.
+    cond, uncond = ops.split(ops.log_softmax(logits, -1), logits.shape[0] // 2, 0)
     return guidance_scale * (cond - uncond) + uncond

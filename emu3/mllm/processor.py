@@ -89,7 +89,8 @@ class Emu3Processor:
             raise ValueError("text must be a string or a non-empty list of strings")
         if mode == "G":
             if image is not None:
-                raise ValueError("mode 'G' generates an image from text: pass no image (use mode 'U' to ask about one)")
+                raise ValueError("mode 'G' generates an image from text: pass no image "
+                                 "(use mode 'U' to ask about one)")
             h, w = generation_size(ratio, image_area, self.spatial_factor)
             prompts = [self.tokenizer.bos_token + t + self.image_header(h, w) for t in texts]
             sizes = [(h, w)] * len(texts)
@@ -103,9 +104,10 @@ class Emu3Processor:
             skeletons = [self._understanding_prompt(t, self.image_header(h, w) + self.tokenizer.eof_token
                                                     + self.tokenizer.eoi_token)
                          for t, (h, w) in zip(texts, sizes)]
+            f = self.spatial_factor
             self._check_fits(skeletons, [h * (w + 1) for h, w in sizes],
-                             [f"the image's {h}x{w} tokens (it is resized to {self.spatial_factor * w}x{self.spatial_factor * h} pixels; "
-                              f"a smaller image gives fewer)" for h, w in sizes])
+                             [f"the image's {h}x{w} tokens (it is resized to {f * w}x{f * h} pixels; a smaller "
+                              f"image gives fewer)" for h, w in sizes])
             prompts = [self._understanding_prompt(t, self.image_string(self.encode_image(img)))
                        for t, img in zip(texts, images)]
         else:

@@ -174,7 +174,7 @@ def test_bad_inputs_have_clear_errors(models):
     with pytest.raises(ValueError, match="no image token"):
         generate(model, ids, image_size=(2, 2), progress=False)
     with pytest.raises(ValueError, match="context window"):
-        generate(model, ids, config=GenerationConfig(max_new_tokens=1000), progress=False)
+        generate(model, ids, config=GenerationConfig(max_new_tokens=1100), progress=False)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, ids, config=GenerationConfig(top_p=0.0), progress=False)
     with pytest.raises(ValueError, match="one negative prompt per prompt"):

@@ -98,7 +98,7 @@ def test_demo_checkpoints_are_in_baai_layout(demo_dir):
     assert [p.name for p in demo_dir.iterdir()] == [demo.DEMO_VERSION]
 
 
-def test_killed_demo_build_leaves_no_cache(tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_cache_and_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("EMU3_DEMO_DIR", str(tmp_path))
     monkeypatch.setattr(demo, "write_demo_llm", lambda d: (d.mkdir(parents=True), (d / "config.json").write_text("{}")))
 
@@ -110,37 +110,47 @@ def test_killed_demo_build_leaves_no_cache(tmp_path, monkeypatch):
         demo.demo_checkpoints()
     assert list(tmp_path.iterdir()) == []
 
+    # A cache someone emptied by hand is rebuilt, not trusted.
+    monkeypatch.setattr(demo, "write_demo_vq", lambda d: d.mkdir(parents=True))
+    (tmp_path / demo.DEMO_VERSION / demo.LLM_DIR).mkdir(parents=True)
+    llm_dir, vq_dir = demo.demo_checkpoints()
+    assert (llm_dir / "config.json").is_file() and vq_dir.is_dir()
+
 
 def test_infer_img_gen_script_on_demo(demo_dir, pipeline, tmp_path):
-    model, processor = pipeline
-    tok = processor.tokenizer
     from transformers.models.emu3.processing_emu3 import Emu3Processor as Reference
 
-    prompt, scale, ratio, area = "a red apple on a table", 3.0, "2:1", 512
-    result = run_script("infer_img_gen.sh", "--prompt", prompt, "--ratio", ratio, "--image-area", str(area),
-                        "--greedy", "--guidance-scale", str(scale), "--output-dir", "out", cwd=tmp_path)
+    model, processor = pipeline
+    tok = processor.tokenizer
+    prompts, scale, ratio, area = ["a red apple on a table", "fog"], 3.0, "2:1", 512
+    result = run_script("infer_img_gen.sh", "--prompt", prompts[0], "--prompt", prompts[1], "--ratio", ratio,
+                        "--image-area", str(area), "--greedy", "--guidance-scale", str(scale), "--batch-size", "2",
+                        "--output-dir", "out", cwd=tmp_path)
     assert "RANDOM" in result.stderr
     files = sorted((tmp_path / "out").glob("*.png"))
-    assert len(files) == 1
+    assert [f.name for f in files] == ["000_a_red_apple_on_a_table.png", "001_fog.png"]
     meta = json.loads((tmp_path / "out" / "generation.json").read_text())
     h, w = meta["tokens"]
     assert (h, w) == Reference.calculate_generate_size(None, ratio, area, 8) == (2, 4)
 
-    # The same image recomputed naively: CFG on full forwards, the constraint, greedy.
-    cond = processor(prompt + POSITIVE_SUFFIX, mode="G", ratio=ratio, image_area=area)["input_ids"][0].tolist()
-    uncond = processor(NEGATIVE_PROMPT, mode="G", ratio=ratio, image_area=area)["input_ids"][0].tolist()
-    for offset in range(1, (w + 1) * h + 4):
-        c, u = last_log_probs(model, cond), last_log_probs(model, uncond)
-        scores = scale * (c - u) + u
-        allowed = allowed_next(offset, h, w, tok)
-        token = allowed[int(np.argmax(scores[allowed]))]
-        cond.append(token)
-        uncond.append(token)
-    assert cond[-1] == tok.eos_token_id
-    expected = processor.decode(cond)[1]
-    produced = Image.open(files[0])
-    assert produced.size == expected.size == (8 * w, 8 * h)
-    assert np.abs(np.asarray(produced, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+    # Each prompt alone, recomputed naively: CFG on full forwards, the constraint, greedy. The
+    # script ran both prompts as one left-padded batch.
+    uncond_prompt = processor(NEGATIVE_PROMPT, mode="G", ratio=ratio, image_area=area)["input_ids"][0].tolist()
+    for prompt, path in zip(prompts, files):
+        cond = processor(prompt + POSITIVE_SUFFIX, mode="G", ratio=ratio, image_area=area)["input_ids"][0].tolist()
+        uncond = list(uncond_prompt)
+        for offset in range(1, (w + 1) * h + 4):
+            c, u = last_log_probs(model, cond), last_log_probs(model, uncond)
+            scores = scale * (c - u) + u
+            allowed = allowed_next(offset, h, w, tok)
+            token = allowed[int(np.argmax(scores[allowed]))]
+            cond.append(token)
+            uncond.append(token)
+        assert cond[-1] == tok.eos_token_id
+        expected = processor.decode(cond)[1]
+        produced = Image.open(path)
+        assert produced.size == expected.size == (8 * w, 8 * h)
+        assert np.abs(np.asarray(produced, np.int16) - np.asarray(expected, np.int16)).max() <= 1
 
 
 def test_infer_vqa_script_on_demo(demo_dir, pipeline, tmp_path):
@@ -178,6 +188,7 @@ def test_infer_vqa_script_on_demo(demo_dir, pipeline, tmp_path):
     (generate_image.main, ["--ratio", "16/9"], "ratio must be 'W:H'"),
     (generate_image.main, ["--image-area", "0"], "image_area must be a positive"),
     (generate_image.main, ["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+    (generate_image.main, ["--batch-size", "0"], "--batch-size must be at least 1"),
     (vqa.main, ["--image", "missing.png"], "not found"),
     (vqa.main, ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (vqa.main, ["--model", "."], "both --model and --vq"),
