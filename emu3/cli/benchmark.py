@@ -268,10 +268,11 @@ class Bench:
                                          1.0))
             rows.append(row)
         if a.mode == "graph":
-            self.notes.append(f"graph compilations during text-to-image: warm-up call (2 tokens) "
-                              f"{compile_counts[0]}, timed call ({steps} tokens) {compile_counts[1]}")
-            self.targets.append(("graph compilations for the full image (after a 2-token warm-up)",
-                                 compile_counts[1], 0))
+            for (name, _), warm_count, timed_count in zip(settings.items(), compile_counts[::2], compile_counts[1::2]):
+                self.notes.append(f"graph compilations, text-to-image {name}: warm-up call (2 tokens) {warm_count}, "
+                                  f"timed call ({steps} tokens) {timed_count}")
+                self.targets.append((f"graph compilations for the full image, {name} (after a 2-token warm-up)",
+                                     timed_count, 0))
         return _table("Text-to-image (classifier-free guidance 3.0, image constraint)", header, rows)
 
     def _count_compiles(self, fn) -> int:
