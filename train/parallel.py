@@ -14,6 +14,7 @@ numbers) and every op below carries its own backward. The same code path runs on
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -47,8 +48,6 @@ class ParallelState:
 
 def init_parallel(sp_size: int = 1, distributed: bool | None = None) -> ParallelState:
     """Initialise communication (when launched by msrun) and build the sequence-parallel groups."""
-    import os
-
     if distributed is None:
         distributed = "MS_WORKER_NUM" in os.environ or "RANK_SIZE" in os.environ
     if not distributed:

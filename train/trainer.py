@@ -51,8 +51,6 @@ class LossAndGrads(nn.Cell):
 
     def _scaled_loss(self, input_ids, position_ids, shifted_labels, denominator, loss_scale):
         logits = self.model(input_ids, position_ids=position_ids)
-        if isinstance(logits, tuple):
-            logits = logits[0]
         return token_loss(logits, shifted_labels, denominator) * loss_scale
 
     def construct(self, input_ids, position_ids, shifted_labels, denominator, loss_scale):

@@ -76,7 +76,7 @@ def enable_zero3(model: nn.Cell, group: str) -> dict[str, tuple]:
         own = [(k, p) for k, p in cell._params.items() if p is not None and p.requires_grad]
         if not own:
             continue
-        gathers = nn.CellDict() if not hasattr(cell, "_zero_gathers") else cell._zero_gathers
+        gathers = nn.CellDict()
         props = {}
         for key, param in own:
             full_name = param.name
