@@ -227,7 +227,9 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
         offsets, heights, widths = image_start_offsets(ids, model_config.img_token_id), sizes[:, 0], sizes[:, 1]
     else:
         offsets, heights, widths = zeros, zeros, zeros
-    uniforms = (draw_uniforms(config.seed, new, batch) if config.do_sample else np.zeros((1, batch), np.float32))
+    # One row of uniforms per cache slot (a bucketed shape); row t drives the t-th new token.
+    uniforms = (draw_uniforms(config.seed, max_length, batch) if config.do_sample
+                else np.zeros((1, batch), np.float32))
 
     step = _step_for(model, config, constrained, eos, pad)
     cache = model.init_cache(rows.shape[0], max_length)

@@ -74,5 +74,8 @@ def sample(scores, uniforms, top_k: int | None, top_p: float):
 
 
 def draw_uniforms(seed: int | None, steps: int, batch_size: int) -> np.ndarray:
-    """The (steps, batch_size) float32 uniforms that drive `sample`, from a seeded generator."""
+    """The (steps, batch_size) float32 uniforms that drive `sample`, from a seeded generator.
+
+    Row t does not depend on `steps`, so a longer draw (a larger cache bucket) gives the same tokens.
+    """
     return np.random.default_rng(seed).random((steps, batch_size), dtype=np.float32)

@@ -82,6 +82,7 @@ def test_sample_frequencies_match_probabilities(rng):
 def test_uniforms_are_seeded():
     assert np.array_equal(sampling.draw_uniforms(5, 4, 2), sampling.draw_uniforms(5, 4, 2))
     assert not np.array_equal(sampling.draw_uniforms(5, 4, 2), sampling.draw_uniforms(6, 4, 2))
+    assert np.array_equal(sampling.draw_uniforms(5, 4, 2), sampling.draw_uniforms(5, 9, 2)[:4])
 
 
 def test_greedy(rng):

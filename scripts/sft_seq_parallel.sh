@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Emu3 SFT with Ulysses sequence parallelism + ZeRO-3: one train.sft process per device via msrun.
+# Called by t2i_sft_seq_parallel.sh / vqa_sft_seq_parallel.sh as: sft_seq_parallel.sh TASK [options]
+#
+# Environment (defaults in brackets):
+#   NPROC        processes = devices [8 with Ascend NPUs, else 2]
+#   CONFIG       training config [configs/TASK_sft_8npu.yaml with NPUs, else configs/TASK_sft_tiny_cpu.yaml]
+#   MODEL_PATH   Emu3 checkpoint to fine-tune, e.g. Emu3-Stage1 [CPU: the tiny random demo model]
+#   DATA_PATH    data prepared by train/prepare_{vision,vqa}_data.py [CPU: a synthetic demo set]
+#   OUTPUT_DIR   log.jsonl + checkpoints/ [outputs/TASK_sft]
+#   MASTER_PORT  [8118]     LOG_DIR  per-rank logs [OUTPUT_DIR/msrun_logs]
+# Further options go to train.sft and override the config: --max_steps 10, --resume true,
+# --mode graph, --dtype fp16, --sp_size 4 ... (python -m train.sft --help lists them all).
+set -euo pipefail
+TASK=$1; shift
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY=python3
+[ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
+# msrun starts each worker as `python`: make that the same interpreter.
+export PATH="$(dirname "$PY"):$PATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export GLOG_v=${GLOG_v:-3}
+
+if command -v npu-smi >/dev/null 2>&1 || [ -e /dev/davinci0 ]; then
+  NPROC=${NPROC:-8}; CONFIG=${CONFIG:-$ROOT/configs/${TASK}_sft_8npu.yaml}
+else
+  NPROC=${NPROC:-2}; CONFIG=${CONFIG:-$ROOT/configs/${TASK}_sft_tiny_cpu.yaml}
+  if [ -z "${MODEL_PATH:-}" ] && [ -z "${DATA_PATH:-}" ]; then
+    echo "No NPU and no MODEL_PATH/DATA_PATH: fine-tuning the tiny RANDOM demo model on synthetic demo data." >&2
+    DATA_PATH="$ROOT/outputs/demo_sft_data/$TASK"
+    MODEL_PATH=$("$PY" -m train.demo_data --task "$TASK" --output "$DATA_PATH" | tail -n 1)
+  fi
+fi
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/${TASK}_sft}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/msrun_logs}
+ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR")
+[ -n "${MODEL_PATH:-}" ] && ARGS+=(--model_path "$MODEL_PATH")
+[ -n "${DATA_PATH:-}" ] && ARGS+=(--data_path "$DATA_PATH")
+
+echo "msrun: $NPROC processes, config $CONFIG, logs in $LOG_DIR" >&2
+msrun --worker_num="$NPROC" --local_worker_num="$NPROC" --master_addr=127.0.0.1 \
+  --master_port="${MASTER_PORT:-8118}" --join=True --log_dir="$LOG_DIR" \
+  "$ROOT/train/sft.py" "${ARGS[@]}" "$@"

@@ -1,0 +1,109 @@
+"""The optimiser pieces against their definitions (torch.optim.AdamW, the cosine schedule), fp16
+loss scaling, and graph mode against pynative."""
+
+import json
+import logging
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from train.sft import Run, parse_args
+from train.trainer import AdamW, LossScaler, cosine_lr
+
+from .conftest import grid, make_data, make_model_dir
+
+
+def test_adamw_matches_torch_with_weight_decay_on_matrices_only(rng, torch_reference):
+    torch = torch_reference
+    shapes = {"w": (3, 4), "norm": (4,)}
+    init = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3]
+
+    params = [ms.Parameter(ms.Tensor(init[k]), name=k) for k in shapes]
+    opt = AdamW(params, shapes, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for g, lr in zip(grads, lrs):
+        opt(tuple(ms.Tensor(g[k]) for k in shapes), ms.Tensor(lr, ms.float32))
+
+    tp = {k: torch.nn.Parameter(torch.tensor(init[k])) for k in shapes}
+    topt = torch.optim.AdamW([{"params": [tp["w"]], "weight_decay": 0.1},
+                              {"params": [tp["norm"]], "weight_decay": 0.0}], betas=(0.9, 0.95), eps=1e-8)
+    for g, lr in zip(grads, lrs):
+        for group in topt.param_groups:
+            group["lr"] = lr
+        for k in shapes:
+            tp[k].grad = torch.tensor(g[k])
+        topt.step()
+    for p in params:
+        np.testing.assert_allclose(p.asnumpy(), tp[p.name].detach().numpy(), rtol=1e-5, atol=1e-6)
+    # weight decay really acts: with zero gradients a matrix shrinks, a norm weight does not
+    w0, n0 = params[0].asnumpy().copy(), params[1].asnumpy().copy()  # asnumpy() shares memory
+    opt2 = AdamW(params, shapes, weight_decay=0.5)
+    opt2(tuple(ms.Tensor(np.zeros(s, np.float32)) for s in shapes.values()), ms.Tensor(0.1, ms.float32))
+    np.testing.assert_allclose(params[0].asnumpy(), w0 * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_allclose(params[1].asnumpy(), n0, rtol=1e-6)
+
+
+def test_cosine_schedule_with_warmup_and_floor():
+    lrs = [cosine_lr(s, 1.0, 0.1, 4, 14) for s in range(16)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0
+    assert math.isclose(lrs[9], 0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert math.isclose(lrs[14], 0.1) and math.isclose(lrs[15], 0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_window():
+    s = LossScaler(scale=1024.0, window=3, dynamic=True)
+    s.update(True)
+    assert s.scale == 512.0
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 1024.0 and s.good_steps == 0
+    fixed = LossScaler(scale=1.0)
+    fixed.update(True)
+    assert fixed.scale == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    model_dir = make_model_dir(root / "model")
+    data = make_data(root / "data", [{"name": "a", "images": grid(0, 2, 3), "texts": "a red square"},
+                                     {"name": "b", "images": grid(1, 2, 3), "texts": "a blue circle"}])
+    return root, ["--model_path", str(model_dir), "--data_path", str(data), "--max_length", "24",
+                  "--batch_size", "2", "--null_prompt_prob", "0", "--save_steps", "100", "--lr", "1e-3"]
+
+
+def test_fp16_dynamic_loss_scaling_skips_overflow_steps(tiny_run_args, caplog):
+    root, common = tiny_run_args
+    reference = Run(parse_args(common + ["--output_dir", str(root / "fp32")])).train_step()
+
+    overflowing = Run(parse_args(common + ["--output_dir", str(root / "ovf"), "--dtype", "fp16",
+                                           "--loss_scale", str(2.0**40), "--max_steps", "1"]))
+    before = [p.asnumpy().copy() for p in overflowing.params]
+    with caplog.at_level(logging.WARNING):
+        overflowing.train()
+    record = json.loads((root / "ovf" / "log.jsonl").read_text().splitlines()[0])
+    assert record["overflow"] and "overflow, update skipped" in caplog.text
+    assert all(np.array_equal(b, p.asnumpy()) for b, p in zip(before, overflowing.params))
+    assert overflowing.scaler.scale == 2.0**39
+    assert overflowing.params[0].dtype == ms.float16 and overflowing.master[0].dtype == ms.float32
+
+    clean = Run(parse_args(common + ["--output_dir", str(root / "fp16"), "--dtype", "fp16", "--loss_scale", "1024"]))
+    record = clean.train_step()
+    assert not record["overflow"]
+    assert record["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=2e-3)
+
+
+def test_graph_mode_with_recompute_matches_pynative(tiny_run_args):
+    root, common = tiny_run_args
+    losses = {}
+    for mode in ("pynative", "graph"):
+        run = Run(parse_args(common + ["--output_dir", str(root / mode), "--mode", mode, "--recompute", "true"]))
+        losses[mode] = [run.train_step()["loss"] for _ in range(2)]
+    np.testing.assert_allclose(losses["graph"], losses["pynative"], rtol=1e-6)
+    assert losses["pynative"][1] < losses["pynative"][0]
