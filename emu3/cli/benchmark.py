@@ -512,10 +512,12 @@ class Bench:
         if unknown:
             raise SystemExit(f"unknown tables {unknown}; choose from {sorted(tables)}")
         parts = [_header(self.args)]
+        output = Path(self.args.output)
         for name in wanted:
             part = tables[name]()
             print(part, flush=True)
             parts.append(part)
+            output.write_text("\n".join(parts))  # as it goes: a later table's failure keeps the earlier ones
         if self.targets:
             rows = [[name, f"{value:.2f}", ("<= " if "<=" in name else ">= " if ">=" in name else "= ") + f"{goal:g}",
                      "yes" if _met(name, value, goal) else "NO"] for name, value, goal in self.targets]
@@ -524,8 +526,8 @@ class Bench:
             parts.append(part)
         for note in self.notes:
             parts.append(f"- {note}\n")
-        Path(self.args.output).write_text("\n".join(parts))
-        print(f"written to {self.args.output}")
+        output.write_text("\n".join(parts))
+        print(f"written to {output}")
 
 
 def _met(name, value, goal):

@@ -106,9 +106,14 @@ class ImagePrefixConstraint(nn.Cell):
                            (_PAD, config.pad_token_id)):
             table[cls, token] = 0.0
         self.masks = ms.Tensor(table)
+        self.first_visual = int(visual_token_ids(config)[0])
 
     def construct(self, scores, offsets, heights, widths):
-        """offsets, heights, widths: (B,) int32; offsets as in `build_prefix_constraint`."""
+        """offsets, heights, widths: (B,) int32; offsets as in `build_prefix_constraint`.
+
+        Returns the masked scores and whether each row's next token is a visual one (every other
+        class allows exactly one token).
+        """
         end = (widths + 1) * heights
         cls = ops.zeros_like(offsets)
         cls = ops.where(offsets > end + 3, _PAD, cls)
@@ -116,4 +121,4 @@ class ImagePrefixConstraint(nn.Cell):
         cls = ops.where(offsets == end + 2, _EOI, cls)
         cls = ops.where(offsets == end + 1, _EOF, cls)
         cls = ops.where(offsets % (widths + 1) == 0, _EOL, cls)
-        return scores + ops.gather(self.masks, cls, 0)
+        return scores + ops.gather(self.masks, cls, 0), cls == _VISUAL

@@ -125,9 +125,10 @@ def test_device_constraint_matches_prefix_constrained_processor(torch_reference,
         reference(torch_reference.from_numpy(r[None]), torch_reference.from_numpy(s[None])).numpy()
         for r, s in zip(rows, scores)])
     b = len(rows)
-    got = constraint(ms.Tensor(scores), ms.Tensor(np.array(row_offsets, np.int32)),
-                     ms.Tensor(np.full(b, height, np.int32)), ms.Tensor(np.full(b, width, np.int32))).asnumpy()
-    np.testing.assert_array_equal(got, expected)
+    got, visual = constraint(ms.Tensor(scores), ms.Tensor(np.array(row_offsets, np.int32)),
+                             ms.Tensor(np.full(b, height, np.int32)), ms.Tensor(np.full(b, width, np.int32)))
+    np.testing.assert_array_equal(got.asnumpy(), expected)
+    np.testing.assert_array_equal(visual.asnumpy(), np.isfinite(expected).sum(-1) == 32768)
 
 
 def test_prefix_constraint_spells_a_well_formed_image():
@@ -166,7 +167,7 @@ class _Pipeline(nn.Cell):
 
     def construct(self, logits, offsets, heights, widths, uniforms):
         scores = classifier_free_guidance(logits, 3.0)
-        scores = self.constraint(scores, offsets, heights, widths)
+        scores = self.constraint(scores, offsets, heights, widths)[0]
         return sampling.sample(scores, uniforms, 2048, 0.9), sampling.greedy(scores)
 
 
@@ -183,3 +184,18 @@ def test_pipeline_graph_equals_pynative(run_mode, rng):
     visual = visual_token_ids(config)
     assert visual[0] <= sampled[0] <= visual[-1] and sampled[1] == config.eol_token_id
     assert sampled[2] == config.eof_token_id and sampled[3] == config.eoi_token_id
+
+
+def test_sampling_the_visual_columns_equals_sampling_the_vocabulary(rng):
+    """Where a visual token is due, sampling the 32768 visual columns picks what the full row would."""
+    config = EMU3_IDS
+    scores = ms.Tensor(rng.normal(size=(8, config.vocab_size)).astype(np.float32) * 3)
+    b = ms.Tensor(np.full(8, 3, np.int32))
+    masked, visual = ImagePrefixConstraint(config)(scores, ms.Tensor(np.full(8, 2, np.int32)), b, b)
+    assert visual.asnumpy().all()
+    u = ms.Tensor(sampling.draw_uniforms(1, 1, 8)[0])
+    first = int(visual_token_ids(config)[0])
+    columns = ms.ops.narrow(masked, -1, first, 32768)
+    for top_k, top_p in [(2048, 1.0), (100, 0.7), (None, 0.9)]:
+        full = sampling.sample(masked, u, top_k, top_p).asnumpy()
+        assert np.array_equal(full, first + sampling.sample(columns, u, top_k, top_p).asnumpy())
