@@ -6,9 +6,5 @@
 #        --device Ascend --mode graph --dtype bf16 --attn flash_attention_2 --image-tokens 90x90
 # Options: bash scripts/benchmark.sh --help, or docs/generation.md.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY=python3
-[ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export GLOG_v=${GLOG_v:-3}
+source "$(dirname "$0")/env.sh"
 exec "$PY" -m emu3.cli.benchmark "$@"

@@ -5,8 +5,5 @@
 #   bash scripts/infer_img_rec.sh clip.gif --weights /models/Emu3-VisionTokenizer --mode graph --dtype bf16
 #   bash scripts/infer_img_rec.sh photo.jpg --random-weights      # pipeline check, output is noise
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=python3
-[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
-export GLOG_v="${GLOG_v:-3}"
-exec "$PYTHON" -m emu3.cli.reconstruct "$@"
+source "$(dirname "$0")/env.sh"
+exec "$PY" -m emu3.cli.reconstruct "$@"

@@ -13,13 +13,9 @@
 # --mode graph, --dtype fp16, --sp_size 4 ... (python -m train.sft --help lists them all).
 set -euo pipefail
 TASK=$1; shift
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY=python3
-[ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
+source "$(dirname "$0")/env.sh"
 # msrun starts each worker as `python`: make that the same interpreter.
 export PATH="$(dirname "$PY"):$PATH"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export GLOG_v=${GLOG_v:-3}
 
 if command -v npu-smi >/dev/null 2>&1 || [ -e /dev/davinci0 ]; then
   NPROC=${NPROC:-8}; CONFIG=${CONFIG:-$ROOT/configs/${TASK}_sft_8npu.yaml}
