@@ -37,7 +37,7 @@ def test_image_codes_and_pixels_match_reference(run_mode, vq_dirs, reference_vq,
         np.testing.assert_allclose(model.decode(codes).asnumpy(), pixels, atol=1e-5, rtol=0)
 
 
-def test_video_codes_and_pixels_match_reference_internals(vq_dirs, reference_vq, torch_reference, video):
+def test_video_codes_and_pixels_match_reference_internals(run_mode, vq_dirs, reference_vq, torch_reference, video):
     # transformers' Emu3VQVAE.encode keeps only the first (t, h) slice of video codes, so the
     # reference codes come from its encoder, quant_conv and quantizer directly.
     torch = torch_reference
