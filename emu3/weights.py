@@ -8,6 +8,7 @@ pointing nowhere, missing / unexpected / wrongly shaped tensors) raises `Weights
 the file and the keys; a model is never left half-loaded without saying so.
 """
 
+import contextlib
 import json
 import mmap
 import os
@@ -139,6 +140,23 @@ def iter_checkpoint(directory) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
         yield path, tensors
 
 
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open `path` for writing so that it appears whole or not at all: the data goes to a
+    temporary file beside it, is flushed to disk, and only then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | None = None) -> None:
     """Write arrays as one safetensors file, atomically (a temporary file renamed into place)."""
     path = Path(path)
@@ -157,15 +175,11 @@ def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | Non
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in arrays.values():
             f.write(arr.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_checkpoint(tensors: dict[str, np.ndarray], directory, config: dict,
@@ -196,9 +210,8 @@ def write_checkpoint(tensors: dict[str, np.ndarray], directory, config: dict,
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def to_numpy(param) -> np.ndarray:

@@ -135,3 +135,15 @@ def test_index_problems_are_reported(tmp_path, rng):
     index_path.write_text(json.dumps(index))
     with pytest.raises(WeightsError, match="shard files that do not exist"):
         weights.weight_files(tmp_path)
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "state.json"
+    with weights.atomic_open(path, "w") as f:
+        f.write("old")
+    with pytest.raises(RuntimeError):
+        with weights.atomic_open(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]

@@ -23,7 +23,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from emu3.weights import read_safetensors, to_numpy, write_safetensors
+from emu3.weights import atomic_open, read_safetensors, to_numpy, write_safetensors
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -61,12 +61,8 @@ class Barrier:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(output_dir, step: int, rank: int, barrier: Barrier, tensors: dict, state: dict | None,

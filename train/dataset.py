@@ -23,11 +23,11 @@ Sequences are right-padded to max_length (pad id, no loss), so every batch has o
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from emu3.weights import atomic_open
 from train.trainer import IGNORE_INDEX
 
 VQA_SYSTEM = "You are a helpful assistant. USER: "
@@ -41,21 +41,16 @@ def write_feature(path, name: str, images: np.ndarray, texts: str, response: str
     arrays = {"name": np.array(name), "images": np.asarray(images, np.int32), "texts": np.array(texts)}
     if response is not None:
         arrays["response"] = np.array(response)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_listing(data_dir, files: list[str]) -> None:
     """DATA_DIR/list/train.json naming every feature file (relative to DATA_DIR/feature)."""
     listing = Path(data_dir) / "list" / "train.json"
     listing.parent.mkdir(parents=True, exist_ok=True)
-    tmp = listing.with_name("train.json.tmp")
-    tmp.write_text(json.dumps({"prefix": "feature", "path_list": files}, indent=1))
-    os.replace(tmp, listing)
+    with atomic_open(listing, "w") as f:
+        json.dump({"prefix": "feature", "path_list": files}, f, indent=1)
 
 
 def read_feature(path) -> dict:
