@@ -68,25 +68,15 @@ def _size(text: str):
     return h, w
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, allocations
+def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` (which must synchronise) after `warmup` untimed calls for
+    compilation and allocations; the median is robust to other processes on a shared machine."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _median_step_seconds(step, steps: int) -> float:
-    """Median time of one decode step (each synchronised) after two warm-up steps: robust to the
-    other processes of a shared machine."""
-    step()
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -358,7 +348,7 @@ class Bench:
             state["cache"], state["loop"] = cache, tuple(loop)
             tokens.asnumpy()
 
-        return _median_step_seconds(one, self.args.decode_steps)
+        return _median_seconds(one, self.args.decode_steps, warmup=2)
 
     def _reference_decode_seconds(self, position, guided, constrained):
         torch = self.torch
@@ -398,7 +388,7 @@ class Bench:
 
         positions = iter(range(position, position + 2 + self.args.decode_steps))
         with torch.no_grad():
-            return _median_step_seconds(lambda: one(next(positions)), self.args.decode_steps)
+            return _median_seconds(lambda: one(next(positions)), self.args.decode_steps, warmup=2)
 
     def vqa_table(self):
         from emu3.generation import GenerationConfig, generate
