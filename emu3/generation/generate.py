@@ -1,12 +1,14 @@
 """KV-cached autoregressive generation for Emu3ForCausalLM: text, and images with CFG.
 
 Speed design (the decode loop is where an image's 8193 tokens go):
-- one static KV cache, preallocated for prompt + max_new_tokens (`model.init_cache`);
+- one static KV cache, preallocated for prompt + max_new_tokens (`model.init_cache`), held by the
+  step and written in place (emu3.generation.cache);
 - the prompt goes through `GenerationStep` once (prefill), then every token through the same `GenerationStep` with
-  fixed shapes. In GRAPH mode that cell compiles twice in total (prefill shape, decode shape), never
-  per token: every per-step value (next ids, positions, cache slot, step number, finished rows,
-  constraint offsets) is a device tensor that the step returns for the next call, and the cache is
-  passed as `ms.mutable`;
+  fixed shapes. In GRAPH mode that cell compiles once for the prefill and once per attention
+  window of the cache (emu3.backend.cache_windows: on the CPU 256, 512, ... slots, at most 5 for
+  Emu3's 9216-token context; on Ascend one), never per token: every per-step value (next ids,
+  positions, cache slot, step number, finished rows, constraint offsets) is a device tensor that
+  the step returns for the next call;
 - classifier-free guidance runs both branches in one forward of batch 2B: rows [0, B) are the
   prompts, rows [B, 2B) the negative prompts, each with its own rows of the cache. Both are left
   padded to one length so they share cache slots;
@@ -34,8 +36,8 @@ _FETCH_EVERY = 16
 _PROMPT_BUCKET = 64
 _CACHE_BUCKET = 256
 
-# The last step built, so repeated calls with one model and settings (a loop over prompts) compile
-# once. Only one is kept: a step holds its model.
+# The last step built, so repeated calls with one model, settings and cache size (a loop over
+# prompts) compile once. Only one is kept: a step holds its model and its cache.
 _LAST_STEP = {}
 
 
@@ -79,9 +81,11 @@ class GenerationConfig:
 class GenerationStep(nn.Cell):
     """One forward through the cache plus the choice of the next token, for prefill and decode."""
 
-    def __init__(self, model, config: GenerationConfig, constrained: bool, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model, cache, config: GenerationConfig, constrained: bool, eos_token_id: int,
+                 pad_token_id: int):
         super().__init__()
         self.model = model
+        self.cache = cache
         self.guidance_scale = config.guidance_scale if config.guided else None
         self.constraint = ImagePrefixConstraint(model.config) if constrained else None
         self.do_sample = config.do_sample
@@ -91,9 +95,10 @@ class GenerationStep(nn.Cell):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
 
-    def construct(self, input_ids, position_ids, cache_position, attention_mask, cache, step, unfinished,
-                  offsets, heights, widths, uniforms):
-        logits, cache = self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, cache)
+    def construct(self, input_ids, position_ids, cache_position, attention_mask, step, unfinished, offsets, heights,
+                  widths, uniforms, window):
+        logits = self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, self.cache,
+                                           window)
         scores = logits
         if self.guidance_scale is not None:
             scores = classifier_free_guidance(scores, self.guidance_scale)
@@ -118,16 +123,15 @@ class GenerationStep(nn.Cell):
         next_ids = tokens[:, None]
         if self.guidance_scale is not None:
             next_ids = ops.concat((next_ids, next_ids), 0)
-        return (tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, cache, step + 1, unfinished,
-                offsets + 1)
+        return tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, step + 1, unfinished, offsets + 1
 
 
-def _step_for(model, config, constrained, eos, pad) -> GenerationStep:
+def _step_for(model, config, constrained, eos, pad, rows, max_length) -> GenerationStep:
     key = (id(model), config.guidance_scale if config.guided else None, constrained, config.do_sample,
-           config.temperature, config.top_k, config.top_p, eos, pad)
+           config.temperature, config.top_k, config.top_p, eos, pad, rows, max_length)
     if key not in _LAST_STEP:
-        _LAST_STEP.clear()
-        _LAST_STEP[key] = GenerationStep(model, config, constrained, eos, pad)
+        _LAST_STEP.clear()  # first, so the old cache is freed before the new one is allocated
+        _LAST_STEP[key] = GenerationStep(model, model.init_cache(rows, max_length), config, constrained, eos, pad)
     return _LAST_STEP[key]
 
 
@@ -240,8 +244,9 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
     uniforms = (draw_uniforms(config.seed, max_length, batch) if config.do_sample
                 else np.zeros((1, batch), np.float32))
 
-    step = _step_for(model, config, constrained, eos, pad)
-    cache = model.init_cache(rows.shape[0], max_length)
+    step = _step_for(model, config, constrained, eos, pad, rows.shape[0], max_length)
+    step.cache.reset()
+    windows = backend.cache_windows(max_length)
     full_mask = ms.Tensor(np.concatenate([row_mask, np.ones((rows.shape[0], max_length - prompt_length), np.int32)],
                                          1))
     positions = np.clip(np.cumsum(row_mask, 1) - 1, 0, None).astype(np.int32)
@@ -255,8 +260,10 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
     pending = []
     with tqdm(total=new, unit="tok", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
         for index in range(new):
-            tokens, next_ids, next_positions, next_slot, cache, counter, unfinished, next_offsets = step(
-                *state, full_mask, ms.mutable(tuple(cache)), *loop, *constants)
+            last_slot = prompt_length - 1 + index  # the prefill fills slots [0, prompt_length)
+            window = next(w for w in windows if w > last_slot)
+            tokens, next_ids, next_positions, next_slot, counter, unfinished, next_offsets = step(
+                *state, full_mask, *loop, *constants, window)
             state = (next_ids, next_positions, next_slot)
             loop = (counter, unfinished, next_offsets)
             pending.append(tokens)

@@ -4,8 +4,8 @@ Two entry points share every layer:
 - `Emu3ForCausalLM.construct` runs whole sequences (training, scoring) and returns all logits,
   plus the loss when labels are given;
 - `Emu3ForCausalLM.forward_cached` runs a prefill or a decode step against a static, preallocated
-  KV cache (emu3.generation.cache) and returns only the last position's logits, so one compiled
-  graph serves every step of a generation.
+  KV cache (emu3.generation.cache), which it updates in place, and returns only the last
+  position's logits, so one compiled graph serves every step of a generation.
 Weights are in the model dtype; RMSNorm, softmax, RoPE tables and logits are fp32.
 """
 
@@ -73,7 +73,11 @@ class Emu3Embedding(nn.Cell):
 
 
 class Emu3RotaryEmbedding(nn.Cell):
-    """cos/sin of the rotary position embedding, computed in fp32 from position ids."""
+    """cos/sin of the rotary position embedding, computed in fp32 from position ids.
+
+    The sin table comes with its first half negated: rotate_half(x) * sin equals
+    swap_halves(x) * signed_sin exactly, one gather instead of split, negate and concat.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -85,20 +89,39 @@ class Emu3RotaryEmbedding(nn.Cell):
         self.inv_freq = inv_freq / config.rope_factor
 
     def construct(self, position_ids, dtype):
+        """(B, L, D) cos and signed sin."""
         freqs = position_ids.astype(ms.float32)[:, :, None] * self.inv_freq
-        emb = ops.concat((freqs, freqs), -1)
-        return ops.cos(emb).astype(dtype), ops.sin(emb).astype(dtype)
+        cos, sin = ops.cos(freqs), ops.sin(freqs)
+        return ops.concat((cos, cos), -1).astype(dtype), ops.concat((-sin, sin), -1).astype(dtype)
 
 
-def _rotate_half(x):
-    x1, x2 = ops.chunk(x, 2, -1)
-    return ops.concat((-x2, x1), -1)
+def _split_heads(x, heads, head_dim):
+    """(B, L, heads * D) -> (B, heads, L, D). For one token (a decode step) that is a reshape: no
+    transpose kernel, four fewer per layer and token."""
+    b, length, _ = x.shape
+    if length == 1:
+        return x.reshape(b, heads, 1, head_dim)
+    return ops.swapaxes(x.reshape(b, length, heads, head_dim), 1, 2)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    """Rotate (B, heads, L, D) q and k by (B, L, D) cos/sin."""
-    cos, sin = cos[:, None], sin[:, None]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _merge_heads(x):
+    """(B, heads, L, D) -> (B, L, heads * D), the inverse of _split_heads."""
+    b, heads, length, head_dim = x.shape
+    if length == 1:
+        return x.reshape(b, 1, heads * head_dim)
+    return ops.swapaxes(x, 1, 2).reshape(b, length, heads * head_dim)
+
+
+def swap_halves_index(head_dim):
+    return Tensor(np.roll(np.arange(head_dim), head_dim // 2), ms.int32)
+
+
+def apply_rotary_pos_emb(q, k, cos, signed_sin, swap_halves):
+    """Rotate (B, heads, L, D) q and k by Emu3RotaryEmbedding's (B, L, D) cos and signed sin;
+    `swap_halves` is swap_halves_index(D)."""
+    cos, signed_sin = cos[:, None], signed_sin[:, None]
+    return (q * cos + ops.gather(q, swap_halves, 3) * signed_sin,
+            k * cos + ops.gather(k, swap_halves, 3) * signed_sin)
 
 
 class Emu3Attention(nn.Cell):
@@ -113,6 +136,7 @@ class Emu3Attention(nn.Cell):
         self.k_proj = _linear(config.hidden_size, self.num_kv_heads * self.head_dim, config, dtype)
         self.v_proj = _linear(config.hidden_size, self.num_kv_heads * self.head_dim, config, dtype)
         self.o_proj = _linear(self.num_heads * self.head_dim, config.hidden_size, config, dtype)
+        self.swap_halves = swap_halves_index(self.head_dim)
 
     def core_attention(self, q, k, v, mask):
         """Softmax attention on (B, heads, L, D) q and (B, kv_heads, S, D) k/v; mask additive (B, 1, L, S).
@@ -122,21 +146,16 @@ class Emu3Attention(nn.Cell):
         dropout = self.attention_dropout if self.training else 0.0
         return backend.attention(q, k, v, mask, self.attn_implementation, dropout)
 
-    def construct(self, hidden_states, cos, sin, mask, cache=None, cache_position=None):
-        """With `cache` = (k_cache, v_cache), writes this step's k/v at cache_position and attends
-        over the whole cache; returns (output, cache)."""
-        b, length, _ = hidden_states.shape
-        q = ops.swapaxes(self.q_proj(hidden_states).reshape(b, length, self.num_heads, self.head_dim), 1, 2)
-        k = ops.swapaxes(self.k_proj(hidden_states).reshape(b, length, self.num_kv_heads, self.head_dim), 1, 2)
-        v = ops.swapaxes(self.v_proj(hidden_states).reshape(b, length, self.num_kv_heads, self.head_dim), 1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    def construct(self, hidden_states, cos, sin, mask, cache=None, layer=0, cache_position=None, window=None):
+        """With a KVCache, writes this step's k/v into its `layer` at cache_position and attends
+        over the cache's first `window` slots."""
+        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        k = _split_heads(self.k_proj(hidden_states), self.num_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(hidden_states), self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, self.swap_halves)
         if cache is not None:
-            k = kv_cache.write(cache[0], k, cache_position)
-            v = kv_cache.write(cache[1], v, cache_position)
-            cache = (k, v)
-        out = self.core_attention(q, k, v, mask)
-        out = ops.swapaxes(out, 1, 2).reshape(b, length, self.num_heads * self.head_dim)
-        return self.o_proj(out), cache
+            k, v = cache.update(layer, k, v, cache_position, window)
+        return self.o_proj(_merge_heads(self.core_attention(q, k, v, mask)))
 
 
 class Emu3MLP(nn.Cell):
@@ -159,11 +178,11 @@ class Emu3DecoderLayer(nn.Cell):
         self.post_attention_layernorm = Emu3RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.dropout = nn.Dropout(p=config.attention_dropout)
 
-    def construct(self, hidden_states, cos, sin, mask, cache=None, cache_position=None):
-        attn, cache = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask, cache, cache_position)
+    def construct(self, hidden_states, cos, sin, mask, cache=None, layer=0, cache_position=None, window=None):
+        attn = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask, cache, layer, cache_position,
+                              window)
         hidden_states = hidden_states + self.dropout(attn)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states, cache
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
 class Emu3Model(nn.Cell):
@@ -178,16 +197,12 @@ class Emu3Model(nn.Cell):
         self.rotary_emb = Emu3RotaryEmbedding(config)
         self.dtype = dtype
 
-    def construct(self, input_ids, position_ids, mask, cache=None, cache_position=None):
+    def construct(self, input_ids, position_ids, mask, cache=None, cache_position=None, window=None):
         hidden_states = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
-        new_cache = ()
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache[2 * i], cache[2 * i + 1])
-            hidden_states, layer_cache = layer(hidden_states, cos, sin, mask, layer_cache, cache_position)
-            if cache is not None:
-                new_cache = new_cache + layer_cache
-        return self.norm(hidden_states), new_cache
+            hidden_states = layer(hidden_states, cos, sin, mask, cache, i, cache_position, window)
+        return self.norm(hidden_states)
 
 
 def _default_position_ids(attention_mask):
@@ -249,7 +264,7 @@ class Emu3ForCausalLM(nn.Cell):
             else:
                 position_ids = _default_position_ids(attention_mask)
         mask = _full_mask(attention_mask, input_ids.shape[1])
-        hidden_states, _ = self.model(input_ids, position_ids, mask)
+        hidden_states = self.model(input_ids, position_ids, mask)
         logits = self.lm_head(hidden_states).astype(ms.float32)
         if labels is None:
             return logits
@@ -267,31 +282,36 @@ class Emu3ForCausalLM(nn.Cell):
         for layer in self.model.layers:
             layer.recompute()
 
-    def init_cache(self, batch_size: int, max_length: int):
-        """A zeroed static KV cache for batch_size rows of up to max_length tokens (an ms.mutable tuple)."""
+    def init_cache(self, batch_size: int, max_length: int) -> kv_cache.KVCache:
+        """A zeroed static KV cache for batch_size rows of up to max_length tokens."""
         c = self.config
         if max_length > c.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings "
                              f"{c.max_position_embeddings}")
-        return kv_cache.init_cache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length,
+        return kv_cache.KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length,
                                    c.head_dim, self.dtype)
 
-    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache):
-        """Run L new tokens against the cache: returns (last position's logits (B, V) fp32, cache).
+    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
+        """Run L new tokens against the cache (their keys and values are written into it in place):
+        returns the last position's logits (B, V) fp32.
 
-        input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the slots they go to;
-        attention_mask (B, max_length) int32, 1 where a slot holds a real token.
+        input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the empty slots they go
+        to, all below `window` (an int: attention reads only the first `window` slots; default all);
+        attention_mask (B, max_length) int32, 1 where a slot holds a real token. In GRAPH mode
+        call it from a Cell that holds the cache (KVCache is a Cell of Parameters, not a graph input)
+        and give `window` as a Python int: each value is its own graph.
         """
         batch, length = input_ids.shape
         _check_shape("position_ids", position_ids, input_ids.shape)
         _check_shape("cache_position", cache_position, (length,))
-        _check_shape("attention_mask", attention_mask, (batch, cache[0].shape[2]))
-        if cache[0].shape[0] != batch:
-            raise ValueError(f"the cache was made for batch size {cache[0].shape[0]}, input_ids has {batch} rows")
-        mask = _cached_mask(attention_mask, cache_position)
-        hidden_states, cache = self.model(input_ids, position_ids, mask, cache, cache_position)
-        logits = self.lm_head(hidden_states[:, -1]).astype(ms.float32)
-        return logits, cache
+        _check_shape("attention_mask", attention_mask, (batch, cache.max_length))
+        if cache.batch_size != batch:
+            raise ValueError(f"the cache was made for batch size {cache.batch_size}, input_ids has {batch} rows")
+        if window is not None and not 0 < window <= cache.max_length:
+            raise ValueError(f"window must be in [1, {cache.max_length}] (the cache's length), got {window}")
+        mask = _cached_mask(attention_mask if window is None else attention_mask[:, :window], cache_position)
+        hidden_states = self.model(input_ids, position_ids, mask, cache, cache_position, window)
+        return self.lm_head(hidden_states[:, -1]).astype(ms.float32)
 
     @classmethod
     def from_pretrained(cls, directory, dtype="fp32", attn_implementation: str = "eager") -> "Emu3ForCausalLM":

@@ -162,6 +162,24 @@ def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, 
     assert counts == [2, 2], counts
 
 
+def test_graph_attention_windows_change_no_token(models, torch_reference, rng, monkeypatch):
+    """Decode steps read growing windows of the cache (4, 8, 16 slots, then all 48 here): the
+    tokens stay transformers', and each window is one graph, not one per token."""
+    reference, model = models
+    backend.set_run_mode("graph", "CPU")
+    monkeypatch.setattr(backend, "_FIRST_WINDOW", 4)
+    monkeypatch.setattr(generate_module, "_PROMPT_BUCKET", 1)
+    monkeypatch.setattr(generate_module, "_CACHE_BUCKET", 16)
+    assert backend.cache_windows(48) == (4, 8, 16, 48)
+    ids, mask = text_prompts(rng, [4, 6])
+    got = generate(model, ids, mask, GenerationConfig(max_new_tokens=40), progress=False)
+    expected = reference_generate(torch_reference, reference, ids, mask, 40, model.config.eos_token_id)
+    np.testing.assert_array_equal(got, expected)
+    step = next(iter(generate_module._LAST_STEP.values()))
+    # The prefill (slots 0-5, window 8) and the decode step in windows 8, 16 and 48.
+    assert len(step.compile_cache) == 4
+
+
 def test_bad_inputs_have_clear_errors(models):
     _, model = models
     ids = np.array([[5, 6, 7]])

@@ -78,21 +78,26 @@ def _reference_cached(torch, ref, ids, mask, new_tokens):
     return logits
 
 
-def _ours_cached(step_fn, model, ids, mask, new_tokens, max_length):
-    """Our static cache: prefill into slots 0..L-1, then one slot per step; last logits each time."""
+def _eager_step(model, max_length):
+    """forward_cached(input_ids, position_ids, cache_position, attention_mask, window) on a fresh cache."""
+    cache = model.init_cache(2, max_length)
+    return lambda *args: model.forward_cached(*args[:4], cache, args[4])
+
+
+def _ours_cached(step_fn, ids, mask, new_tokens, max_length, windows=None):
+    """Our static cache: prefill into slots 0..L-1, then one slot per step; last logits each time.
+    `windows`: the attention window of each call (default: the whole cache)."""
     b, length = ids.shape
-    cache = model.init_cache(b, max_length)
+    windows = iter(windows or [None] * (1 + new_tokens.shape[1]))
     slot_mask = np.zeros((b, max_length), np.int32)
     slot_mask[:, :length] = mask
     pos = generate_position_ids(mask)
-    logits, cache = step_fn(_t(ids), _t(pos), _t(np.arange(length)), _t(slot_mask), cache)
-    outs = [logits.asnumpy()]
+    outs = [step_fn(_t(ids), _t(pos), _t(np.arange(length)), _t(slot_mask), next(windows)).asnumpy()]
     for step, tok in enumerate(new_tokens.T):
         slot = length + step
         slot_mask[:, slot] = 1
         pos = generate_position_ids(slot_mask[:, :slot + 1])[:, -1:]
-        logits, cache = step_fn(_t(tok[:, None]), _t(pos), _t([slot]), _t(slot_mask), ms.mutable(cache))
-        outs.append(logits.asnumpy())
+        outs.append(step_fn(_t(tok[:, None]), _t(pos), _t([slot]), _t(slot_mask), next(windows)).asnumpy())
     return outs
 
 
@@ -103,31 +108,38 @@ def test_forward_cached_prefill_and_decode_match_reference(torch_reference, rng)
     ids, mask = left_padded_batch(rng, [7, 4], 512, 7)
     new_tokens = rng.integers(3, 512, (2, 5))
     expected = _reference_cached(torch, ref, ids, mask, new_tokens)
-    ours = _ours_cached(model.forward_cached, model, ids, mask, new_tokens, max_length=16)
+    ours = _ours_cached(_eager_step(model, 16), ids, mask, new_tokens, 16)
     for got, want in zip(ours, expected):
         assert got.shape == (2, 512) and got.dtype == np.float32
+        assert np.abs(got - want).max() < TOL
+    # Attention over windows of the cache (the prefill and first decode steps in the first 8 slots,
+    # then the whole cache) reads the same keys: the same logits.
+    windowed = _ours_cached(_eager_step(model, 16), ids, mask, new_tokens, 16, [8, 8, 16, 16, 16, 16])
+    for got, want in zip(windowed, expected):
         assert np.abs(got - want).max() < TOL
 
 
 class _DecodeStep(nn.Cell):
-    def __init__(self, model):
+    def __init__(self, model, cache):
         super().__init__()
         self.model = model
+        self.cache = cache
 
-    def construct(self, input_ids, position_ids, cache_position, attention_mask, cache):
-        return self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, cache)
+    def construct(self, input_ids, position_ids, cache_position, attention_mask, window):
+        return self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, self.cache, window)
 
 
 def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
     model = tiny_model()
     ids, mask = left_padded_batch(rng, [6, 3], 512, 6)
     new_tokens = rng.integers(3, 512, (2, 6))
-    eager = _ours_cached(model.forward_cached, model, ids, mask, new_tokens, max_length=16)
+    windows = [8, 8, 8, 16, 16, 16, 16]
+    eager = _ours_cached(_eager_step(model, 16), ids, mask, new_tokens, 16, windows)
     backend.set_run_mode("graph", "CPU")
-    step = _DecodeStep(model)
-    graph = _ours_cached(step, model, ids, mask, new_tokens, max_length=16)
-    # One graph for the prefill shape, one for the decode shape, however many steps run.
-    assert len(step.compile_cache) == 2
+    step = _DecodeStep(model, model.init_cache(2, 16))
+    graph = _ours_cached(step, ids, mask, new_tokens, 16, windows)
+    # One graph for the prefill shape, one per decode window, however many steps run.
+    assert len(step.compile_cache) == 3
     for got, want in zip(graph, eager):
         assert np.abs(got - want).max() < 1e-5
 
@@ -141,7 +153,7 @@ def test_full_vocabulary_forward_and_cached_match_reference(torch_reference, rng
         expected = ref(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(model(_t(ids)).asnumpy() - expected).max() < TOL
     cache = model.init_cache(1, 8)
-    logits, _ = model.forward_cached(_t(ids), _t(np.arange(6)[None]), _t(np.arange(6)), _t(np.ones((1, 8))), cache)
+    logits = model.forward_cached(_t(ids), _t(np.arange(6)[None]), _t(np.arange(6)), _t(np.ones((1, 8))), cache)
     assert logits.shape == (1, 184622)
     assert np.abs(logits.asnumpy() - expected[:, -1]).max() < TOL
 
@@ -222,6 +234,8 @@ def test_wrong_shapes_are_clear_errors():
         model.forward_cached(ids, pos, slots, _t(np.ones((2, 5))), cache)
     with pytest.raises(ValueError, match="batch size 1"):
         model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), model.init_cache(1, 8))
+    with pytest.raises(ValueError, match=r"window must be in \[1, 8\]"):
+        model.forward_cached(ids, pos, slots, _t(np.ones((2, 8))), cache, window=9)
     with pytest.raises(ValueError, match="max_position_embeddings 128"):
         model.init_cache(1, 129)
 
