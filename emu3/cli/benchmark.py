@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
     p.add_argument("--image-tokens", default="8x8", help="text-to-image size HxW in tokens (90x90 = 720x720)")
     p.add_argument("--positions", default="100,4000", help="cache positions for the per-token decode cost")
-    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per position")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per position")
     p.add_argument("--vq-resolution", default="128x128", help="HxW pixels of the vision tokenizer benchmark")
     p.add_argument("--vq-batch", type=int, default=1)
     p.add_argument("--vqa-image-tokens", default="16x16", help="HxW tokens of the VQA prompt's image")
@@ -68,17 +68,21 @@ def _size(text: str):
     return h, w
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn` (which must synchronise) after `warmup` untimed calls for
-    compilation and allocations; the median is robust to other processes on a shared machine."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def _median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time of each of `fns` (name: callable that synchronises), after `warmup`
+    untimed calls each for compilation and allocations. The callables take turns, so that ours and
+    the reference see the same load when other processes share the machine; the median ignores
+    the outliers."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _table(title, header, rows):
@@ -180,10 +184,7 @@ class Bench:
         def ours():
             model.decode(model.encode(images)).asnumpy()
 
-        seconds = _median_seconds(ours, a.repeats)
-        header = ["mode", "model", "precision", "batch", "resolution", "s/step", "img/s"]
-        row = [a.mode, f"VisionTokenizer {self.vq_name}", a.dtype, a.vq_batch, f"{h}x{w}", f"{seconds:.3f}",
-               f"{a.vq_batch / seconds:.2f}"]
+        fns = {"ours": ours}
         if self._reference_vq is not None:
             torch = self.torch
             reference = self._reference_vq
@@ -194,7 +195,14 @@ class Bench:
                 with torch.no_grad():
                     reference.decode(torch.stack(reference.encode(x, sizes)))
 
-            ref_seconds = _median_seconds(theirs, a.repeats)
+            fns["reference"] = theirs
+        medians = _median_seconds(fns, a.repeats)
+        seconds = medians["ours"]
+        header = ["mode", "model", "precision", "batch", "resolution", "s/step", "img/s"]
+        row = [a.mode, f"VisionTokenizer {self.vq_name}", a.dtype, a.vq_batch, f"{h}x{w}", f"{seconds:.3f}",
+               f"{a.vq_batch / seconds:.2f}"]
+        if "reference" in medians:
+            ref_seconds = medians["reference"]
             header += ["reference s/step", "speed-up"]
             row += [f"{ref_seconds:.3f}", _ratio(ref_seconds, seconds)]
             self.targets.append(("vision tokenizer encode+decode speed-up >= 2x", ref_seconds / seconds, 2.0))
@@ -291,49 +299,57 @@ class Bench:
         header = ["position", "decode", "ms/token", "tokens/s"]
         if self.torch is not None:
             header += ["reference ms/token", "speed-up"]
-        rows, ours = [], {}
+        rows, medians = [], {}
         for kind, guided, constrained in kinds:
+            steps = {}
             for position in positions:
-                seconds = self._our_decode_seconds(position, max_length, guided, constrained)
-                ours[kind, position] = seconds
+                steps[kind, position] = self._our_decode_step(position, max_length, guided, constrained)
+                if self.torch is not None:
+                    steps[kind, position, "ref"] = self._reference_decode_step(position, guided, constrained)
+            medians.update(_median_seconds(steps, a.decode_steps, warmup=2))
+            for position in positions:
+                seconds = medians[kind, position]
                 row = [position, kind, f"{seconds * 1e3:.1f}", f"{1 / seconds:.2f}"]
                 if self.torch is not None:
-                    ref = self._reference_decode_seconds(position, guided, constrained)
-                    ours[kind, position, "ref"] = ref
+                    ref = medians[kind, position, "ref"]
                     row += [f"{ref * 1e3:.1f}", _ratio(ref, seconds)]
                 rows.append(row)
+            del steps
+            gc.collect()
         low, high = min(positions), max(positions)
         self.targets.append((f"decode cost at position {high} / at {low} (text) <= 1.3",
-                             ours["text", high] / ours["text", low], 1.3))
+                             medians["text", high] / medians["text", low], 1.3))
         for position in positions:
             self.targets.append((f"image decode with CFG / without at position {position} <= 1.3",
-                                 ours["image + CFG", position] / ours["image", position], 1.3))
+                                 medians["image + CFG", position] / medians["image", position], 1.3))
         if self.torch is not None:
             for position in positions:
                 self.targets.append((f"decode tokens/s vs reference at position {position} (text) >= 1.0",
-                                     ours["text", position, "ref"] / ours["text", position], 1.0))
+                                     medians["text", position, "ref"] / medians["text", position], 1.0))
                 self.targets.append((f"decode tokens/s vs reference at position {position} (image + CFG) >= 1.0",
-                                     ours["image + CFG", position, "ref"] / ours["image + CFG", position], 1.0))
-        note = (f"median of {self.args.decode_steps} steps from cache position p (static cache of {max_length} slots, batch 1; CFG = 2 rows); "
-                f"the reference's step is its forward with a DynamicCache of p entries plus, for CFG, the second "
+                                     medians["image + CFG", position, "ref"] / medians["image + CFG", position], 1.0))
+        note = (f"median of {self.args.decode_steps} steps from cache position p (static cache of {max_length} slots, batch 1; CFG = 2 rows), "
+                f"ours and the reference's steps taking turns; the reference's step is its forward with a DynamicCache of p entries plus, for CFG, the second "
                 f"forward of transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor, its "
                 f"PrefixConstrainedLogitsProcessor and argmax")
         return _table("Decode cost per token", header, rows) + f"\n{note}\n"
 
-    def _our_decode_seconds(self, position, max_length, guided, constrained):
+    def _our_decode_step(self, position, max_length, guided, constrained):
+        """A callable that runs our next decode step from cache position `position` on."""
         ms = self.ms
+        from emu3 import backend
         from emu3.generation import GenerationConfig
         from emu3.generation.generate import GenerationStep
         model = self.llm()
         c = model.config
-        step = GenerationStep(model, GenerationConfig(guidance_scale=GUIDANCE if guided else None), constrained,
-                              c.eos_token_id, c.pad_token_id)
         rows = 2 if guided else 1
+        step = GenerationStep(model, model.init_cache(rows, max_length),
+                              GenerationConfig(guidance_scale=GUIDANCE if guided else None), constrained,
+                              c.eos_token_id, c.pad_token_id)
         state = {
             "ids": ms.Tensor(np.full((rows, 1), c.eoi_token_id + 1, np.int32)),
             "pos": ms.Tensor(np.full((rows, 1), position, np.int32)),
             "slot": ms.Tensor(np.array([position], np.int32)),
-            "cache": model.init_cache(rows, max_length),
             "loop": (ms.Tensor(np.zeros(1, np.int32)), ms.Tensor(np.ones(1, np.bool_)),
                      ms.Tensor(np.array([1], np.int32))),
         }
@@ -341,16 +357,20 @@ class Bench:
         constants = (ms.Tensor(np.array([90], np.int32)), ms.Tensor(np.array([90], np.int32)),
                      ms.Tensor(np.zeros((1, 1), np.float32)))
 
+        # The window generate() reads at the last timed step (the steps from `position` are timed).
+        last_slot = position + self.args.decode_steps + 2
+        window = next(w for w in backend.cache_windows(max_length) if w > last_slot)
+
         def one():
-            tokens, state["ids"], state["pos"], state["slot"], cache, *loop = step(
-                state["ids"], state["pos"], state["slot"], mask, ms.mutable(tuple(state["cache"])), *state["loop"],
-                *constants)
-            state["cache"], state["loop"] = cache, tuple(loop)
+            tokens, state["ids"], state["pos"], state["slot"], *loop = step(
+                state["ids"], state["pos"], state["slot"], mask, *state["loop"], *constants, window)
+            state["loop"] = tuple(loop)
             tokens.asnumpy()
 
-        return _median_seconds(one, self.args.decode_steps, warmup=2)
+        return one
 
-    def _reference_decode_seconds(self, position, guided, constrained):
+    def _reference_decode_step(self, position, guided, constrained):
+        """The same for transformers' model: its forward with a DynamicCache of `position` entries."""
         torch = self.torch
         from transformers import DynamicCache
         from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
@@ -372,8 +392,12 @@ class Bench:
         history[0, 0] = c.img_token_id
         token = torch.tensor([[c.eoi_token_id + 1]])
 
-        def one(p):
+        positions = iter(range(position, position + 2 + self.args.decode_steps))
+
+        @torch.no_grad()
+        def one():
             nonlocal history, token
+            p = next(positions)
             kwargs = dict(position_ids=torch.tensor([[p]]), attention_mask=torch.ones(1, p + 1, dtype=torch.long),
                           use_cache=True)
             scores = reference(input_ids=token, past_key_values=caches[0], **kwargs).logits[:, -1].float()
@@ -386,9 +410,7 @@ class Bench:
             token = scores.argmax(-1, keepdim=True)
             history = torch.cat([history, token], 1)
 
-        positions = iter(range(position, position + 2 + self.args.decode_steps))
-        with torch.no_grad():
-            return _median_seconds(lambda: one(next(positions)), self.args.decode_steps, warmup=2)
+        return one
 
     def vqa_table(self):
         from emu3.generation import GenerationConfig, generate
@@ -432,11 +454,11 @@ class Bench:
         ids = rng.integers(0, c.vocab_size, (1, a.sft_seq_len)).astype(np.int32)
         labels = ids.copy()
         labels[:, : a.sft_seq_len // 4] = -100  # the prompt part carries no loss, as in SFT
-        seconds = self._our_sft_seconds(model, ids, labels)
+        seconds = self._our_sft_seconds(model, ids, labels)["ours"]
         header = ["mode", "model", "precision", "batch", "tokens", "s/step", "samples/s"]
         row = [a.mode, self.llm_name, a.dtype, 1, a.sft_seq_len, f"{seconds:.3f}", f"{1 / seconds:.3f}"]
         if self.torch is not None:
-            ref_seconds = self._reference_sft_seconds(ids, labels)
+            ref_seconds = self._reference_sft_seconds(ids, labels)["reference"]
             header += ["reference s/step", "speed-up"]
             row += [f"{ref_seconds:.3f}", _ratio(ref_seconds, seconds)]
         note = ("one step = forward + backward + AdamW update of every parameter (lr 1e-5), written in this "
@@ -466,7 +488,7 @@ class Bench:
         step = TrainStep(model)
         inputs = (ms.Tensor(ids), ms.Tensor(labels))
         try:
-            return _median_seconds(lambda: step(*inputs).asnumpy(), self.args.repeats)
+            return _median_seconds({"ours": lambda: step(*inputs).asnumpy()}, self.args.repeats)
         finally:
             model.set_train(False)
             del step
@@ -487,7 +509,7 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         try:
-            return _median_seconds(step, self.args.repeats)
+            return _median_seconds({"reference": step}, self.args.repeats)
         finally:
             reference.eval()
             del optimizer
