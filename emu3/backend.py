@@ -115,7 +115,7 @@ def cache_windows(max_length: int) -> tuple:
 
     CPU: 256, 512, ... while a window is at most a third of the cache. Reading a window copies it
     (a slice) before attention reads it again: 3 reads of the window against 1 of the cache. At
-    slot 100 of a 4k cache this takes a small-model decode step from ~86 to ~71 ms.
+    slot 100 of a 4k cache this took the benchmark's small-model decode step from 86 to 78 ms.
     Ascend: the whole cache only. Flash attention reads a bf16 cache at HBM speed (~14% of an
     8.5B decode step at 9k slots) and each further graph of the 8.5B model is a long compilation.
     """

@@ -454,11 +454,11 @@ class Bench:
         ids = rng.integers(0, c.vocab_size, (1, a.sft_seq_len)).astype(np.int32)
         labels = ids.copy()
         labels[:, : a.sft_seq_len // 4] = -100  # the prompt part carries no loss, as in SFT
-        seconds = self._our_sft_seconds(model, ids, labels)["ours"]
+        seconds = self._our_sft_seconds(model, ids, labels)
         header = ["mode", "model", "precision", "batch", "tokens", "s/step", "samples/s"]
         row = [a.mode, self.llm_name, a.dtype, 1, a.sft_seq_len, f"{seconds:.3f}", f"{1 / seconds:.3f}"]
         if self.torch is not None:
-            ref_seconds = self._reference_sft_seconds(ids, labels)["reference"]
+            ref_seconds = self._reference_sft_seconds(ids, labels)
             header += ["reference s/step", "speed-up"]
             row += [f"{ref_seconds:.3f}", _ratio(ref_seconds, seconds)]
         note = ("one step = forward + backward + AdamW update of every parameter (lr 1e-5), written in this "
@@ -488,7 +488,7 @@ class Bench:
         step = TrainStep(model)
         inputs = (ms.Tensor(ids), ms.Tensor(labels))
         try:
-            return _median_seconds({"ours": lambda: step(*inputs).asnumpy()}, self.args.repeats)
+            return _median_seconds({"ours": lambda: step(*inputs).asnumpy()}, self.args.repeats)["ours"]
         finally:
             model.set_train(False)
             del step
@@ -509,7 +509,7 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         try:
-            return _median_seconds({"reference": step}, self.args.repeats)
+            return _median_seconds({"reference": step}, self.args.repeats)["reference"]
         finally:
             reference.eval()
             del optimizer

@@ -6,9 +6,8 @@ once, so every decode step has the same shapes and one compiled graph serves the
 A step adds its keys and values into their zeroed slots with IndexAdd, which changes the Parameter
 in place (0 + x is exactly x). The obvious writes copy the whole cache on the CPU every token: a
 functional scatter returns a new tensor, and ScatterNdUpdate / slice assignment copy their input
-(measured: ~0.7 ms per 4 MB layer tensor, ~10 ms a token for the 8-layer benchmark model at 4k
-slots, more than its attention over those slots). So a generation starts with `reset()`, and each
-slot is written once.
+(measured: ~0.7 ms per 4 MB layer tensor, ~11 ms a token for the 8-layer benchmark model at 4k
+slots). So a generation starts with `reset()`, and each slot is written once.
 
 Attention may read only the first `window` slots (emu3.backend.cache_windows): on the CPU, a
 decode step early in a long generation then does not read thousands of empty slots.

@@ -288,8 +288,8 @@ class Emu3ForCausalLM(nn.Cell):
         if max_length > c.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings "
                              f"{c.max_position_embeddings}")
-        return kv_cache.KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length,
-                                   c.head_dim, self.dtype)
+        return kv_cache.KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim,
+                                self.dtype)
 
     def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
         """Run L new tokens against the cache (their keys and values are written into it in place):
