@@ -1,16 +1,20 @@
 """The one place where CPU and Ascend differ.
 
 Everything else in the package uses ops that have kernels on both devices. What lives here:
-run-mode and device selection, dtype names, and the few computations that have a fused Ascend
-kernel but no CPU kernel (attention, RMSNorm). Each has a plain fallback that is the reference
-implementation on CPU and the numerical yardstick for the fused one.
+run-mode and device selection, dtype names, the few computations that have a fused Ascend
+kernel but no CPU kernel (attention, RMSNorm) and dropout (generator-based on Ascend; the CPU has
+no such kernel). Each has a plain fallback that is the
+reference implementation on CPU and the numerical yardstick for the fused one.
 """
 
 import logging
 import math
 
 import mindspore as ms
-from mindspore import ops
+import numpy as np
+from mindspore import mint, ops
+from mindspore.common.generator import default_generator
+from mindspore.ops.auto_generate.gen_ops_prim import dropout_gen_mask_ext_op
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ def device_target() -> str:
 # Compiled graphs cannot query the context, but they read module globals as constants, so the
 # device is resolved here in Python: at import and whenever set_run_mode() selects a device.
 _ON_ASCEND = device_target() == "Ascend"
+_GRAPH = ms.get_context("mode") == ms.GRAPH_MODE
 
 
 def on_ascend() -> bool:
@@ -34,7 +39,7 @@ def on_ascend() -> bool:
 
 def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
     """Select PYNATIVE or GRAPH mode (and optionally the device: "CPU" or "Ascend")."""
-    global _ON_ASCEND
+    global _ON_ASCEND, _GRAPH
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     kwargs = {"mode": MODES[mode]}
@@ -42,6 +47,7 @@ def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
         kwargs["device_target"] = device
     ms.set_context(**kwargs)
     _ON_ASCEND = device_target() == "Ascend"
+    _GRAPH = mode == "graph"
     if not _ON_ASCEND:
         # On a few shared CPU cores the asynchronous launch queue costs ~5x: a 75-token CFG decode
         # of the demo model took 82 s without this and 17 s with it (pynative).
@@ -158,9 +164,7 @@ def _eager_attention(query, key, value, mask, dropout):
     if mask is not None:
         mask = ops.broadcast_to(mask.astype(ms.float32), (mask.shape[0], 1, length, s))
         scores = scores + ops.tile(mask, (1, 1, n_rep, 1))  # row r * length + l is query head r, position l
-    probs = ops.softmax(scores, -1)
-    if dropout > 0.0:
-        probs = ops.dropout(probs, p=dropout)
+    probs = apply_dropout(ops.softmax(scores, -1), dropout)
     return ops.matmul(probs.astype(value.dtype), value).reshape(b, heads, length, d)
 
 
@@ -170,9 +174,64 @@ def _flash_attention(query, key, value, mask, dropout):
     scale = 1.0 / math.sqrt(query.shape[-1])
     dtype = query.dtype
     q, k, v = (t.astype(ms.float16) if dtype == ms.float32 else t for t in (query, key, value))
-    drop_mask = None if mask is None else (mask < 0).astype(ms.uint8)
+    masked_out = None if mask is None else (mask < 0).astype(ms.uint8)
+    keep_bits = None if dropout == 0.0 else _flash_keep_bits(query.shape, key.shape[2], dropout, q.dtype)
     out = ops.flash_attention_score(
-        q, k, v, heads, attn_mask=drop_mask, keep_prob=1.0 - dropout, scalar_value=scale,
+        q, k, v, heads, drop_mask=keep_bits, attn_mask=masked_out, keep_prob=1.0 - dropout, scalar_value=scale,
         input_layout="BNSD",
     )
     return out.astype(dtype)
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+# Recompute (gradient checkpointing) runs a layer's forward again in the backward pass, after
+# restoring MindSpore's default generator (ms.get_rng_state / ms.set_rng_state). Only randomness drawn
+# from that generator is replayed there; legacy ops.Dropout / nn.Dropout keep their own kernel state
+# (and ignore seeds on Ascend), so under recompute their backward would use another mask.
+
+# How far one draw moves the generator's offset: the value MindSpore's own generator-based ops use.
+_GENERATOR_STEP = ms.Tensor(12, ms.int64)
+
+
+def apply_dropout(x, p: float):
+    """Training dropout: zero each element with probability p, scale the others by 1 / (1 - p).
+
+    The mask comes from MindSpore's default generator (seeded by ms.manual_seed, saved and restored
+    with ms.get_rng_state / ms.set_rng_state), so a recomputed forward draws the same mask:
+    - Ascend: mint's generator-based dropout;
+    - CPU, pynative: the CPU Dropout kernel seeded with the generator's (seed, offset), and the
+      generator moves on by one draw;
+    - CPU, graph: no CPU kernel takes seeds as tensors, so the legacy kernel (seeded by ms.set_seed)
+      runs; a compiled graph's recompute reuses the forward's mask (measured), but its state is not
+      part of ms.get_rng_state.
+    """
+    if p == 0.0:
+        return x
+    if _ON_ASCEND:
+        return mint.nn.functional.dropout(x, p)
+    if _GRAPH:
+        return ops.dropout(x, p)
+    seed0, seed1 = _draw_kernel_seeds()
+    return ops.Dropout(1.0 - p, seed0, seed1)(x)[0]
+
+
+def _draw_kernel_seeds() -> tuple:
+    # On Ascend the generator-based kernels advance the generator's offset in place; the CPU has no
+    # such kernel and the generator's own step leaves the offset at 0 in pynative mode (measured), so
+    # the draw moves the state itself. The state is the seed and the offset, two int64.
+    seed, offset = np.frombuffer(ms.get_rng_state().asnumpy().tobytes(), np.int64)
+    ms.set_rng_state(ms.Tensor(np.array([seed, offset + 1], np.int64).view(np.uint8)))
+    # The kernel's seeds are 31-bit; both zero would mean "seed from the clock".
+    return int(seed) % 2**31, int(offset) % (2**31 - 1) + 1
+
+
+def _flash_keep_bits(query_shape, key_length: int, p: float, dtype):
+    """FlashAttentionScore's drop_mask: uint8 (B, N1, S1, S2 // 8), eight keep bits per byte along the
+    keys, drawn from the default generator (the generator-based DropoutGenMaskExt, whose output is
+    128-bit aligned, so it is cut to size)."""
+    b, heads, length = query_shape[:3]
+    if key_length % 8:
+        raise ValueError(f"flash attention with dropout needs a key length divisible by 8, got {key_length}")
+    seed, offset = default_generator._step(_GENERATOR_STEP)  # pylint: disable=protected-access
+    bits = dropout_gen_mask_ext_op((b * heads * length * key_length,), p, seed, offset, dtype)
+    return bits[: b * heads * length * key_length // 8].reshape(b, heads, length, key_length // 8)

@@ -169,6 +169,18 @@ class Emu3MLP(nn.Cell):
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Emu3Dropout(nn.Cell):
+    """Dropout in training mode only, drawn from MindSpore's default generator so that recompute
+    replays it (backend.apply_dropout)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def construct(self, x):
+        return backend.apply_dropout(x, self.p) if self.training else x
+
+
 class Emu3DecoderLayer(nn.Cell):
     def __init__(self, config, dtype, attn_implementation):
         super().__init__()
@@ -176,7 +188,7 @@ class Emu3DecoderLayer(nn.Cell):
         self.mlp = Emu3MLP(config, dtype)
         self.input_layernorm = Emu3RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = Emu3RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.dropout = nn.Dropout(p=config.attention_dropout)
+        self.dropout = Emu3Dropout(config.attention_dropout)  # BAAI's residual dropout uses the attention rate
 
     def construct(self, hidden_states, cos, sin, mask, cache=None, layer=0, cache_position=None, window=None):
         attn = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask, cache, layer, cache_position,
@@ -278,7 +290,12 @@ class Emu3ForCausalLM(nn.Cell):
         return ops.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="mean")
 
     def enable_recompute(self):
-        """Gradient checkpointing: keep only each decoder layer's input, recompute the rest in backward."""
+        """Gradient checkpointing: keep only each decoder layer's input, recompute the rest in backward.
+
+        Dropout masks are replayed (they come from MindSpore's default generator, which recompute
+        restores). Switch it on after anything that replaces Parameters (ZeRO-3's shards): the
+        recompute cell keeps the parameters it sees now.
+        """
         for layer in self.model.layers:
             layer.recompute()
 
