@@ -106,8 +106,6 @@ def _load_model(args):
 
     model = Emu3ForCausalLM.from_pretrained(args.model_path, dtype=args.dtype,
                                             attn_implementation=args.attn_implementation)
-    if args.recompute:
-        model.enable_recompute()
     model.set_train(True)
     return model
 
@@ -126,6 +124,9 @@ class Run:
         backend.set_run_mode(args.mode, args.device)
         ms.set_seed(args.seed)
         self.ps = init_parallel(args.sp_size)
+        # Dropout draws from the default generator; ranks hold different tokens (and, inside
+        # attention, different heads), so each rank gets its own stream.
+        ms.manual_seed(args.seed + self.ps.rank)
         if args.max_length % args.sp_size:
             raise ValueError(f"max_length={args.max_length} must be a multiple of sp_size={args.sp_size}")
         self.model = _load_model(args)
@@ -136,6 +137,8 @@ class Run:
             self.full_shapes = enable_zero3(self.model, self.ps.world_group)
         else:
             self.full_shapes = {p.name: tuple(p.shape) for p in self.model.trainable_params()}
+        if args.recompute:  # last: a recompute cell keeps the parameters it sees (ZeRO-3 swaps them)
+            self.model.enable_recompute()
         self.sharded = args.zero_stage == 3 and self.ps.world_size > 1
         self.params = self.model.trainable_params()
         # fp16/bf16 weights compute forward and backward; AdamW updates fp32 master copies of them.
@@ -253,8 +256,7 @@ class Run:
                         3 if self.sharded else 0, sum(int(np.prod(s)) for s in self.full_shapes.values()),
                         self.step, args.max_steps)
         while self.step < args.max_steps:
-            start = time.perf_counter()
-            record = self.train_step()
+                record = self.train_step()
             record["s_per_step"] = round(time.perf_counter() - start, 4)
             record["truncated"], record["skipped"] = self.dataset.truncated, self.dataset.skipped
             if self.ps.rank == 0:

@@ -68,8 +68,15 @@ def enable_zero3(model: nn.Cell, group: str) -> dict[str, tuple]:
     """Partition every trainable parameter of `model` in place; returns {name: full shape}.
 
     The owning cell's class is swapped for a subclass in which `self.<param>` is a property that
-    gathers the shard, so the model's own construct code runs unchanged.
+    gathers the shard, so the model's own construct code runs unchanged. Switch recompute on after
+    this: a recompute cell keeps the parameter list it saw, and would give the shards no gradient.
     """
+    # Cell.recompute() stores its recompute cell (and with it the parameter list) in _recompute_cell.
+    recomputed = [name or "the model" for name, cell in model.cells_and_names()
+                  if cell._recompute_cell is not None]  # pylint: disable=protected-access
+    if recomputed:
+        raise ValueError(f"recompute is already on for {recomputed[0]}: enable ZeRO-3 first, then recompute "
+                         "(a recompute cell keeps the parameters it saw and would not train the shards)")
     size, rank = get_group_size(group), get_rank(group)
     shapes = {}
     for _, cell in list(model.cells_and_names()):

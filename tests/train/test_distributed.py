@@ -1,4 +1,4 @@
-"""Sequence parallel 2 + ZeRO-3 over 2 msrun processes == one process, same batch (fp32)."""
+"""Sequence parallel 2 + ZeRO-3 with recompute over 2 msrun processes == one plain process, same batch (fp32)."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,9 @@ from .conftest import grid, make_data, make_model_dir, run_sft
 pytestmark = pytest.mark.slow
 
 
-def test_sp2_zero3_two_processes_match_one_process(tmp_path):
+def test_sp2_zero3_recompute_two_processes_match_one_plain_process(tmp_path):
+    # Recompute as in the 8-card configs: it must be switched on after ZeRO-3 swaps in the shards, or the
+    # decoder layers' weights get no gradient (their RMSNorm weights would stay at their initial value).
     model_dir = make_model_dir(tmp_path / "model")
     data = make_data(tmp_path / "data", [
         {"name": "red", "images": grid(0, 3, 4), "texts": "a red square"},
@@ -23,7 +25,8 @@ def test_sp2_zero3_two_processes_match_one_process(tmp_path):
               "--lr", "1e-2", "--warmup_steps", "1", "--weight_decay", "0.1", "--max_grad_norm", "0.5",
               "--null_prompt_prob", "0", "--save_steps", "2"]
     single = run_sft(common, tmp_path / "single")
-    multi = run_sft(common + ["--sp_size", "2", "--zero_stage", "3"], tmp_path / "multi", processes=2)
+    multi = run_sft(common + ["--sp_size", "2", "--zero_stage", "3", "--recompute", "true"], tmp_path / "multi",
+                    processes=2)
 
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -40,9 +43,10 @@ def test_sp2_zero3_two_processes_match_one_process(tmp_path):
     initial = read_safetensors(model_dir / "model.safetensors")
     assert a.keys() == b.keys() == initial.keys()
     for key in a:
-        # Adam divides by sqrt(v): where a gradient is ~1e-9 (lm_head rows of tokens absent from the
-        # batch) fp32 summation-order differences move the update by up to ~1e-4 * lr; measured:
-        # 13-32 of 5.9M lm_head elements differ by at most 5.1e-5 (lr 1e-2), everything else < 2e-6.
-        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4, err_msg=key)
+        # Adam divides by sqrt(v) + eps: where a gradient is near eps (1e-8), fp32 summation-order
+        # differences move the update by a visible fraction of lr. Measured (lr 1e-2, 2 steps): 33 of
+        # 5.9M lm_head elements differ by more than 2e-6 (max 1.3e-4), every decoder weight by < 6e-7;
+        # the same 2-process run without recompute gave bit-identical weights.
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=5e-4, err_msg=key)
         assert np.mean(np.abs(b[key] - a[key]) > 2e-6) < 1e-4, key
         assert not np.array_equal(a[key], initial[key]), key  # every tensor was updated

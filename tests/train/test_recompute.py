@@ -1,5 +1,6 @@
 """Recompute (gradient checkpointing) changes memory, never results: with dropout active, the backward
-of a recomputed layer must see the forward's masks."""
+of a recomputed layer must see the forward's masks; and ZeRO-3 must refuse a model whose recompute
+already recorded the full parameters."""
 
 import mindspore as ms
 import numpy as np
@@ -9,6 +10,7 @@ from mindspore import nn, ops
 from emu3 import backend
 from tests.mllm.tiny import tiny_model
 from train.trainer import LossAndGrads
+from train.zero import enable_zero3
 
 
 def _loss_and_grads(model, ids, seed):
@@ -93,3 +95,10 @@ def test_pynative_dropout_masks_follow_the_default_generator():
     assert set(np.unique(first)) == {0.0, np.float32(1 / 0.75)}
     assert abs((first == 0).mean() - 0.25) < 0.03
     assert backend.apply_dropout(x, 0.0) is x
+
+
+def test_zero3_refuses_a_model_whose_recompute_recorded_the_full_parameters():
+    model = tiny_model()
+    model.enable_recompute()
+    with pytest.raises(ValueError, match="recompute"):
+        enable_zero3(model, "unused: refused before any communication")
