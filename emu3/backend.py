@@ -2,8 +2,8 @@
 
 Everything else in the package uses ops that have kernels on both devices. What lives here:
 run-mode and device selection, dtype names, the few computations that have a fused Ascend
-kernel but no CPU kernel (attention, RMSNorm) and dropout (generator-based on Ascend; the CPU has
-no such kernel). Each has a plain fallback that is the
+kernel but no CPU kernel (attention, RMSNorm), dropout (generator-based on Ascend; the CPU has
+no such kernel) and which collectives exist natively. Each has a plain fallback that is the
 reference implementation on CPU and the numerical yardstick for the fused one.
 """
 
@@ -34,6 +34,13 @@ _GRAPH = ms.get_context("mode") == ms.GRAPH_MODE
 
 
 def on_ascend() -> bool:
+    return _ON_ASCEND
+
+
+def native_collectives() -> bool:
+    """Whether AlltoAll, ReduceScatter, AllGather's backward and groups smaller than the world exist
+    (Ascend's HCCL). The CPU backend (mccl) has AllGather and AllReduce over the whole world only, so
+    train.parallel emulates the others with them."""
     return _ON_ASCEND
 
 

@@ -3,12 +3,14 @@
 # Called by t2i_sft_seq_parallel.sh / vqa_sft_seq_parallel.sh as: sft_seq_parallel.sh TASK [options]
 #
 # Environment (defaults in brackets):
-#   NPROC        processes = devices [8 with Ascend NPUs, else 2]
+#   NPROC        processes = devices [8 on Ascend (emu3.backend.device_target()), else 2]
 #   CONFIG       training config [configs/TASK_sft_8npu.yaml with NPUs, else configs/TASK_sft_tiny_cpu.yaml]
 #   MODEL_PATH   Emu3 checkpoint to fine-tune, e.g. Emu3-Stage1 [CPU: the tiny random demo model]
 #   DATA_PATH    data prepared by train/prepare_{vision,vqa}_data.py [CPU: a synthetic demo set]
 #   OUTPUT_DIR   log.jsonl + checkpoints/ [outputs/TASK_sft]
 #   MASTER_PORT  [8118]     LOG_DIR  per-rank logs [OUTPUT_DIR/msrun_logs]
+#   HCCL_CONNECT_TIMEOUT, HCCL_EXEC_TIMEOUT  Ascend collective time-outs in s [1800, 3600]: ranks finish
+#                loading the 17 GB checkpoint minutes apart and wait for each other at a barrier
 # Further options go to train.sft and override the config: --max_steps 10, --resume true,
 # --mode graph, --dtype fp16, --sp_size 4 ... (python -m train.sft --help lists them all).
 set -euo pipefail
@@ -17,8 +19,10 @@ source "$(dirname "$0")/env.sh"
 # msrun starts each worker as `python`: make that the same interpreter.
 export PATH="$(dirname "$PY"):$PATH"
 
-if command -v npu-smi >/dev/null 2>&1 || [ -e /dev/davinci0 ]; then
+if [ "$("$PY" -c 'from emu3 import backend; print(backend.device_target())')" = Ascend ]; then
   NPROC=${NPROC:-8}; CONFIG=${CONFIG:-$ROOT/configs/${TASK}_sft_8npu.yaml}
+  # HCCL's defaults (120 s to connect) abort while the last rank is still reading the checkpoint.
+  export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1800} HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-3600}
 else
   NPROC=${NPROC:-2}; CONFIG=${CONFIG:-$ROOT/configs/${TASK}_sft_tiny_cpu.yaml}
   if [ -z "${MODEL_PATH:-}" ] && [ -z "${DATA_PATH:-}" ]; then

@@ -8,9 +8,10 @@ Conventions used by every piece here:
   of the global objective is the plain SUM of every rank's gradient. All gradient reductions are
   therefore sums, never means.
 
-On Ascend the real AlltoAll / ReduceScatter run. MindSpore's CPU backend (mccl) has neither, nor a
-backward for AllGather, so on CPU they are emulated with AllGather / AllReduce (more traffic, same
-numbers) and every op below carries its own backward. The same code path runs on both devices.
+Where `emu3.backend.native_collectives()` (Ascend) the real AlltoAll / ReduceScatter run. MindSpore's
+CPU backend (mccl) has neither, nor a backward for AllGather, so there they are emulated with
+AllGather / AllReduce (more traffic, same numbers) and every op below carries its own backward.
+The same code path runs on both devices.
 """
 
 import math
@@ -63,11 +64,15 @@ def init_parallel(sp_size: int = 1, distributed: bool | None = None) -> Parallel
     if sp_size > 1:
         if sp_size == world:
             sp_group = GlobalComm.WORLD_COMM_GROUP
+        elif not backend.native_collectives():
+            raise ValueError(f"sp_size={sp_size} with {world} processes needs communication groups smaller than "
+                             f"the world, which MindSpore's CPU backend lacks: use sp_size {world} or 1 on CPU")
         else:
+            # Only the members create a group (as in create_group's documented example; MindSpore
+            # warns that a rank outside a group "may cause some exception when initializing" it).
             first = rank - rank % sp_size
             sp_group = f"sp_group_{first}"
-            for start in range(0, world, sp_size):  # every rank must create every group
-                create_group(f"sp_group_{start}", list(range(start, start + sp_size)))
+            create_group(sp_group, list(range(first, first + sp_size)))
     return ParallelState(rank, world, sp_size, sp_group, GlobalComm.WORLD_COMM_GROUP)
 
 
@@ -89,7 +94,7 @@ class AllToAll(nn.Cell):
         self.size = get_group_size(group)
         self.rank = get_rank(group)
         self.split_axis, self.concat_axis = split_axis, concat_axis
-        self.native = backend.on_ascend()
+        self.native = backend.native_collectives()
         if self.native:
             self.forward_op = ops.AlltoAll(self.size, split_axis, concat_axis, group=group)
             self.inverse_op = ops.AlltoAll(self.size, concat_axis, split_axis, group=group)
@@ -120,7 +125,7 @@ class ReduceScatter(nn.Cell):
         super().__init__()
         self.size = get_group_size(group)
         self.rank = get_rank(group)
-        self.native = backend.on_ascend()
+        self.native = backend.native_collectives()
         if self.native:
             self.op = ops.ReduceScatter(ops.ReduceOp.SUM, group=group)
         else:

@@ -129,6 +129,7 @@ class Run:
         ms.manual_seed(args.seed + self.ps.rank)
         if args.max_length % args.sp_size:
             raise ValueError(f"max_length={args.max_length} must be a multiple of sp_size={args.sp_size}")
+        start = time.perf_counter()
         self.model = _load_model(args)
         self.model_config = self.model.config.to_dict()
         if self.ps.sp_size > 1:
@@ -158,6 +159,11 @@ class Run:
         self.step = 0
         if args.resume:
             self.resume()
+        # Ranks finish loading minutes apart (8 x 17 GB from shared storage); waiting here, under the
+        # launcher's HCCL time-outs, keeps the first training collective from timing out instead.
+        self.barrier()
+        if self.ps.rank == 0:
+            logger.info("every rank loaded the model (%.1f s)", time.perf_counter() - start)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -256,7 +262,8 @@ class Run:
                         3 if self.sharded else 0, sum(int(np.prod(s)) for s in self.full_shapes.values()),
                         self.step, args.max_steps)
         while self.step < args.max_steps:
-                record = self.train_step()
+            start = time.perf_counter()
+            record = self.train_step()
             record["s_per_step"] = round(time.perf_counter() - start, 4)
             record["truncated"], record["skipped"] = self.dataset.truncated, self.dataset.skipped
             if self.ps.rank == 0:
