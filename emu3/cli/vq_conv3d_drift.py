@@ -30,7 +30,7 @@ from PIL import Image
 
 from emu3 import backend
 from emu3.cli.errors import command
-from emu3.tokenizer import Emu3VisionVQConfig, Emu3VisionVQModel
+from emu3.tokenizer import Emu3VisionVQConfig, Emu3VisionVQModel, layouts
 
 RANDOM_CONFIGS = {
     "emu3": {},
@@ -114,13 +114,12 @@ def psnr(reference: np.ndarray, other: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
-def build_pair(args) -> tuple[Emu3VisionVQModel, Emu3VisionVQModel]:
+def build_pair(args, config) -> tuple[Emu3VisionVQModel, Emu3VisionVQModel]:
     """The same weights twice: all fp32, and with fp16 Conv3d."""
     if args.weights:
         return (Emu3VisionVQModel.from_pretrained(args.weights, conv3d_dtype="fp32"),
                 Emu3VisionVQModel.from_pretrained(args.weights, conv3d_dtype="fp16"))
     ms.set_seed(args.seed)
-    config = Emu3VisionVQConfig(**RANDOM_CONFIGS[args.random])
     fp32 = Emu3VisionVQModel(config, conv3d_dtype="fp32")
     fp16 = Emu3VisionVQModel(config, conv3d_dtype="fp16")
     ms.load_param_into_net(fp16, fp32.parameters_dict(), strict_load=True)
@@ -145,10 +144,10 @@ def main(argv=None) -> list[dict]:
     images = list(synthetic_photos(args.synthetic, args.height, args.width, args.seed))
     images += [load_photo(path, args.height, args.width) for path in args.images]
     start = time.perf_counter()
-    fp32, fp16 = build_pair(args)
-    factor = fp32.config.spatial_factor
-    if args.height % factor or args.width % factor:
-        raise ValueError(f"--resolution must be multiples of {factor}, got {args.resolution}")
+    config = layouts.read_config(args.weights) if args.weights else Emu3VisionVQConfig(**RANDOM_CONFIGS[args.random])
+    if args.height % config.spatial_factor or args.width % config.spatial_factor:
+        raise ValueError(f"--resolution must be multiples of {config.spatial_factor}, got {args.resolution}")
+    fp32, fp16 = build_pair(args, config)
     source = args.weights or f"{args.random} architecture, random weights (seed {args.seed})"
     print(f"tokenizer: {source}; {len(images)} images at {args.height}x{args.width}; {args.mode} mode on the CPU")
 
