@@ -3,7 +3,8 @@
 Everything else in the package uses ops that have kernels on both devices. What lives here:
 run-mode and device selection, dtype names, the few computations that have a fused Ascend
 kernel but no CPU kernel (attention, RMSNorm), dropout (generator-based on Ascend; the CPU has
-no such kernel) and which collectives exist natively. Each has a plain fallback that is the
+no such kernel), which collectives exist natively, and the vision tokenizer's Conv3d compute
+dtype (Ascend's Conv3d takes fp16 only). Each computation has a plain fallback that is the
 reference implementation on CPU and the numerical yardstick for the fused one.
 """
 
@@ -82,6 +83,17 @@ def parse_dtype(name) -> ms.Type:
             "(bf16 is for Ascend)."
         )
     return dtype
+
+
+def conv3d_compute_dtype(model_dtype: ms.Type) -> ms.Type:
+    """The dtype the vision tokenizer's Conv3d layers compute in, for a model in `model_dtype`.
+
+    Ascend: fp16 whatever the model dtype. MindSpore 2.7's nn.Conv3d (the Conv3D primitive) takes
+    only fp16 input on Ascend, and Atlas A2's default precision mode keeps an op's dtype instead of
+    casting for it, so fp32 (the default) and bf16 would find no kernel.
+    CPU: the model dtype (fp32, or fp16 when asked for).
+    """
+    return ms.float16 if on_ascend() else model_dtype
 
 
 def resolve_attn_implementation(name: str) -> str:

@@ -11,8 +11,10 @@ The 2D stages act on each frame independently, so here they run once per image: 
 output is repeated in time only where the temporal convolutions need it, and the decoder's 2D
 stages see only frame 0. Same numbers, a quarter of the work.
 
-Precision: convolutions and attention run in the model's dtype (fp32, or fp16/bf16 as on
-Ascend); GroupNorm, BatchNorm3d, the attention softmax and the codebook search run in fp32.
+Precision: the 2D convolutions and attention run in the model's dtype (fp32, or fp16/bf16 as
+on Ascend); the Conv3d layers in the dtype `backend.conv3d_compute_dtype` picks for the device
+(fp16 on Ascend, whose Conv3d takes nothing else; the model dtype on CPU); GroupNorm,
+BatchNorm3d, the attention softmax and the codebook search run in fp32.
 """
 
 import math
@@ -140,36 +142,54 @@ class Emu3VisionVQUpsample(nn.Cell):
         return self.conv(ops.interpolate(x, size=(2 * h, 2 * w), mode="nearest"))
 
 
+class Emu3VisionVQConv3d(nn.Conv3d):
+    """nn.Conv3d that convolves in `compute_dtype` and returns its input's dtype.
+
+    The weights keep the model dtype, so a checkpoint saves what it loaded; the bias is added
+    after the cast back. The Conv3d weights of this model are small (z_channels = 4), so casting
+    them at each call costs nothing measurable.
+    """
+
+    def __init__(self, *args, compute_dtype, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        out = self.conv3d(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        return self.bias_add(out.astype(x.dtype), self.bias)
+
+
 class Emu3VisionVQCausalConv3d(nn.Cell):
     """Conv3d over (B, C, T, H, W) that pads time by 2 in front only (causal) and space by
-    kernel - stride, the odd pixel on the leading side."""
+    kernel - stride, the odd pixel on the leading side. `dtype` is the weights' dtype,
+    `conv3d_dtype` the one it computes in."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, dtype):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, dtype, conv3d_dtype):
         super().__init__()
         padding = (2, 0)
         for k, s in zip(kernel_size[1:], stride[1:]):
             p = k - s
             padding += (p // 2 + p % 2, p // 2)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                              padding=padding, has_bias=True, dtype=dtype)
+        self.conv = Emu3VisionVQConv3d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                                       padding=padding, has_bias=True, dtype=dtype, compute_dtype=conv3d_dtype)
 
     def construct(self, x):
         return self.conv(x)
 
 
 class Emu3VisionVQTemporalDownsample(nn.Cell):
-    def __init__(self, channels, dtype):
+    def __init__(self, channels, dtype, conv3d_dtype):
         super().__init__()
-        self.conv = Emu3VisionVQCausalConv3d(channels, channels, (4, 3, 3), (2, 1, 1), dtype)
+        self.conv = Emu3VisionVQCausalConv3d(channels, channels, (4, 3, 3), (2, 1, 1), dtype, conv3d_dtype)
 
     def construct(self, x):
         return self.conv(x)
 
 
 class Emu3VisionVQTemporalUpsample(nn.Cell):
-    def __init__(self, channels, dtype):
+    def __init__(self, channels, dtype, conv3d_dtype):
         super().__init__()
-        self.conv = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype)
+        self.conv = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype, conv3d_dtype)
 
     def construct(self, x):
         b, c, t, h, w = x.shape
@@ -179,12 +199,12 @@ class Emu3VisionVQTemporalUpsample(nn.Cell):
 
 
 class Emu3VisionVQResnetTemporalBlock(nn.Cell):
-    def __init__(self, channels, dtype):
+    def __init__(self, channels, dtype, conv3d_dtype):
         super().__init__()
         self.norm1 = Emu3VisionVQBatchNorm3d(channels)
-        self.conv1 = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype)
+        self.conv1 = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype, conv3d_dtype)
         self.norm2 = Emu3VisionVQBatchNorm3d(channels)
-        self.conv2 = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype)
+        self.conv2 = Emu3VisionVQCausalConv3d(channels, channels, (3, 3, 3), (1, 1, 1), dtype, conv3d_dtype)
 
     def construct(self, x):
         h = self.conv1(_swish(self.norm1(x)))
@@ -260,7 +280,7 @@ class Emu3VisionVQEncoder(nn.Cell):
     which is exactly what encoding the image repeated 4 times gives.
     """
 
-    def __init__(self, config: Emu3VisionVQConfig, dtype):
+    def __init__(self, config: Emu3VisionVQConfig, dtype, conv3d_dtype):
         super().__init__()
         ch, mult = config.ch, config.ch_mult
         self.temporal_factor = config.temporal_downsample_factor
@@ -276,11 +296,12 @@ class Emu3VisionVQEncoder(nn.Cell):
         self.norm_out = Emu3VisionVQGroupNorm(block_in)
         self.conv_out = _conv2d(block_in, config.z_channels, 3, dtype)
         self.time_conv = nn.CellList([
-            Emu3VisionVQTemporalDownsample(config.z_channels, dtype)
+            Emu3VisionVQTemporalDownsample(config.z_channels, dtype, conv3d_dtype)
             for _ in range(int(math.log2(self.temporal_factor)))
         ])
         self.time_res_stack = nn.CellList([
-            Emu3VisionVQResnetTemporalBlock(config.z_channels, dtype) for _ in range(config.num_res_blocks)
+            Emu3VisionVQResnetTemporalBlock(config.z_channels, dtype, conv3d_dtype)
+            for _ in range(config.num_res_blocks)
         ])
 
     def encode_frames(self, x):
@@ -307,15 +328,16 @@ class Emu3VisionVQDecoder(nn.Cell):
     """Latents z and quantised codebook vectors zq, both (B, c, t, h, w) -> frames (B*4t, 3, 8h, 8w),
     or (B, 3, 8h, 8w) with `first_frame_only` (a still image: the reference keeps frame 0 of 4)."""
 
-    def __init__(self, config: Emu3VisionVQConfig, dtype):
+    def __init__(self, config: Emu3VisionVQConfig, dtype, conv3d_dtype):
         super().__init__()
         ch, mult = config.ch, config.ch_mult
         zq_ch = config.embed_dim
         self.time_res_stack = nn.CellList([
-            Emu3VisionVQResnetTemporalBlock(config.z_channels, dtype) for _ in range(config.num_res_blocks)
+            Emu3VisionVQResnetTemporalBlock(config.z_channels, dtype, conv3d_dtype)
+            for _ in range(config.num_res_blocks)
         ])
         self.time_conv = nn.CellList([
-            Emu3VisionVQTemporalUpsample(config.z_channels, dtype)
+            Emu3VisionVQTemporalUpsample(config.z_channels, dtype, conv3d_dtype)
             for _ in range(int(math.log2(config.temporal_downsample_factor)))
         ])
         block_in = ch * mult[-1]
@@ -375,19 +397,26 @@ class Emu3VisionVQVectorQuantizer(nn.Cell):
 
 
 class Emu3VisionVQModel(nn.Cell):
-    """Emu3's vision tokenizer: `encode` pixels to codes, `decode` codes to pixels."""
+    """Emu3's vision tokenizer: `encode` pixels to codes, `decode` codes to pixels.
 
-    def __init__(self, config: Emu3VisionVQConfig, dtype="fp32"):
+    `dtype` ("fp32", "fp16", "bf16" on Ascend) is the weights' and the computation's dtype.
+    `conv3d_dtype` is the one the Conv3d layers compute in; None lets the device decide (fp16 on
+    Ascend, `dtype` on CPU). conv3d_dtype="fp16" on the CPU computes what an NPU computes.
+    """
+
+    def __init__(self, config: Emu3VisionVQConfig, dtype="fp32", conv3d_dtype=None):
         super().__init__()
         self.config = config
         self.dtype = backend.parse_dtype(dtype)
-        self.encoder = Emu3VisionVQEncoder(config, self.dtype)
-        self.decoder = Emu3VisionVQDecoder(config, self.dtype)
+        self.conv3d_dtype = (backend.conv3d_compute_dtype(self.dtype) if conv3d_dtype is None
+                             else backend.parse_dtype(conv3d_dtype))
+        self.encoder = Emu3VisionVQEncoder(config, self.dtype, self.conv3d_dtype)
+        self.decoder = Emu3VisionVQDecoder(config, self.dtype, self.conv3d_dtype)
         self.quantize = Emu3VisionVQVectorQuantizer(config)
         self.quant_conv = Emu3VisionVQCausalConv3d(config.z_channels, config.embed_dim, (3, 1, 1), (1, 1, 1),
-                                                   self.dtype)
+                                                   self.dtype, self.conv3d_dtype)
         self.post_quant_conv = Emu3VisionVQCausalConv3d(config.embed_dim, config.z_channels, (3, 1, 1),
-                                                        (1, 1, 1), self.dtype)
+                                                        (1, 1, 1), self.dtype, self.conv3d_dtype)
         self.set_train(False)
 
     # ---------------------------------------------------------------- inference
@@ -448,11 +477,11 @@ class Emu3VisionVQModel(nn.Cell):
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, directory, dtype="fp32") -> "Emu3VisionVQModel":
+    def from_pretrained(cls, directory, dtype="fp32", conv3d_dtype=None) -> "Emu3VisionVQModel":
         """Load BAAI's Emu3-VisionTokenizer directory, or a transformers Emu3VQVAE / Emu3 "-hf"
         directory (the layout is detected from the tensor names)."""
         config = layouts.read_config(directory)
-        model = cls(config, dtype=dtype)
+        model = cls(config, dtype=dtype, conv3d_dtype=conv3d_dtype)
         layouts.load_weights(model, directory)
         return model
 
