@@ -11,11 +11,11 @@ OUTPUT_DIR/checkpoints/ (see train/checkpoint.py); `--resume` continues from the
 import argparse
 import json
 import logging
+import math
 import os
+import tempfile
 import time
 from pathlib import Path
-
-import math
 
 import mindspore as ms
 import numpy as np
@@ -95,7 +95,7 @@ RANGES = {
     "save_steps": dict(integer=True, low=1), "save_total_limit": dict(integer=True, low=0),
     "log_steps": dict(integer=True, low=1), "seed": dict(integer=True, low=0, high=2**32 - 1),
 }
-CHOICES = {"task": ("t2i", "vqa"), "device": (None, "CPU", "Ascend"), "mode": ("pynative", "graph"),
+CHOICES = {"task": ("t2i", "vqa"), "device": ("CPU", "Ascend"), "mode": ("pynative", "graph"),
            "dtype": ("fp32", "fp16", "bf16"), "attn_implementation": ("eager", "flash_attention_2"),
            "zero_stage": (0, 3)}
 
@@ -144,7 +144,8 @@ def check_options(args: argparse.Namespace) -> None:
         elif kind is str and value is not None and not isinstance(value, str):
             raise ValueError(f"--{name} must be a string, got {value!r}")
     for name, choices in CHOICES.items():
-        check_choice(name, getattr(args, name), choices)
+        if not (getattr(args, name) is None and OPTIONS[name][1] is None):  # None: MindSpore's default device
+            check_choice(name, getattr(args, name), choices)
     if args.min_lr > args.lr:
         raise ValueError(f"--min_lr {args.min_lr} is above --lr {args.lr}")
     if args.warmup_steps > args.max_steps:
@@ -450,6 +451,9 @@ def main(argv=None):
     args = parse_args(argv)
     # Everything that can be checked without the model is, before it loads (minutes for Emu3-8B).
     check_data(args.data_path, args.task)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=args.output_dir):  # writable: not found out at the first save
+        pass
     start_point(args)
     Run(args).train()
 

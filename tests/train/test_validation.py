@@ -52,6 +52,7 @@ def fails(capsys, argv, command=main) -> str:
     ("max_length", "33", "--max_length 33 must be a multiple of --sp_size 2"),
     ("attn_implementation", "flash", "--attn_implementation must be one of eager, flash_attention_2"),
     ("mode", "eager", "--mode must be one of pynative, graph"),
+    ("device", "gpu", "--device must be one of CPU, Ascend; got 'gpu'"),
 ])
 def test_options_are_checked_before_anything_loads(capsys, tmp_path, option, value, message):
     # model and data do not exist: the option must be what is reported
@@ -95,6 +96,13 @@ def test_data_is_checked_whole_before_the_model_loads(capsys, tmp_path, t2i_data
     assert "s1.npz: images holds codes outside [0, 32768)" in fails(capsys, argv + ["--data_path", str(data)])
     (data / "list" / "train.json").write_text("{")
     assert "train.json is not a data listing" in fails(capsys, argv + ["--data_path", str(data)])
+
+
+def test_an_unwritable_output_directory_is_found_before_the_model_loads(capsys, tmp_path, t2i_data):
+    (tmp_path / "file").write_text("")
+    err = fails(capsys, ["--model_path", str(tmp_path / "no_model"), "--data_path", str(t2i_data),
+                         "--output_dir", str(tmp_path / "file" / "out")])
+    assert "Not a directory" in err and str(tmp_path / "file") in err
 
 
 def test_non_finite_loss_stops_the_run_and_no_nan_is_saved(capsys, tmp_path, t2i_data):
