@@ -111,7 +111,7 @@ def load_state(directory) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DamagedCheckpoint(f"{path} is not valid JSON ({err})") from None
     missing = [k for k in ("step", "run_id", "world_size", "sp_size", "zero_stage", "full_shapes", "model_config",
-                           "args") if k not in state]
+                           "model", "args") if k not in state]
     if missing:
         raise DamagedCheckpoint(f"{path} lacks {missing}")
     return state

@@ -5,7 +5,9 @@
 launched once per device by msrun (see scripts/t2i_sft_seq_parallel.sh). Every option can be
 given in the YAML config and overridden on the command line. Rank 0 writes OUTPUT_DIR/log.jsonl
 (one JSON line per step: loss, lr, grad_norm, loss_scale, overflow, s/step) and checkpoints to
-OUTPUT_DIR/checkpoints/ (see train/checkpoint.py); `--resume` continues from the latest one.
+OUTPUT_DIR/checkpoints/ (see train/checkpoint.py); `--resume` continues from the latest intact one.
+Options, data and the output directory are checked before the model loads; a non-finite loss or
+gradient stops the run before anything is saved.
 """
 
 import argparse
@@ -34,6 +36,7 @@ from train.trainer import AdamW, GradientCheck, LossAndGrads, LossScaler, cosine
 from train.zero import enable_zero3
 
 logger = logging.getLogger("train.sft")
+LOG_FILE = "log.jsonl"
 
 # name: (type, default, help)
 OPTIONS = {
@@ -381,9 +384,6 @@ class Run:
         raise ValueError(f"step {record['step']}: {problem}; training stopped without applying or saving it. "
                          f"Checkpoints in {checkpoints} hold only finite weights: resume from one with a lower "
                          "--lr (or --max_grad_norm), or check the data")
-
-
-LOG_FILE = "log.jsonl"
 
 
 def _cut_log(path: Path, step: int) -> None:
