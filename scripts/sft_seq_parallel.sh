@@ -37,7 +37,45 @@ ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR")
 [ -n "${MODEL_PATH:-}" ] && ARGS+=(--model_path "$MODEL_PATH")
 [ -n "${DATA_PATH:-}" ] && ARGS+=(--data_path "$DATA_PATH")
 
+# Ctrl-C, kill (SIGTERM) and a closed terminal end the whole job with a non-zero status. msrun
+# alone does not: it exits 0 on SIGINT, and on SIGTERM it dies while its workers (each in its own
+# session) train on. So msrun runs in the background and a trap stops it and every worker.
+alive() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${state:0:1}" != Z ]; }
+stop() {
+  trap '' INT TERM HUP
+  echo "launcher: $1, stopping msrun and its workers" >&2
+  local job=${MSRUN:-${!:-}} children pid  # $!: a signal between `msrun &` and MSRUN=$!
+  [ -n "$job" ] || exit "$2"
+  kill -STOP "$job" 2>/dev/null || true  # it starts no further worker meanwhile
+  children=$(pgrep -P "$job" || true)
+  kill -KILL "$job" 2>/dev/null || true
+  # A worker leads its own process group: signal the group, so whatever it started ends too.
+  for pid in $children; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 50); do  # up to 10 s to exit; a worker stuck in a collective gets SIGKILL after that
+    local left=""
+    for pid in $children; do alive "$pid" && left=1; done
+    [ -z "$left" ] && break
+    sleep 0.2
+  done
+  for pid in $children; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+  wait "$job" 2>/dev/null || true
+  exit "$2"
+}
+
+MSRUN=""
+trap 'stop interrupted 130' INT
+trap 'stop terminated 143' TERM
+trap 'stop "hung up" 129' HUP
 echo "msrun: $NPROC processes, config $CONFIG, logs in $LOG_DIR" >&2
 msrun --worker_num="$NPROC" --local_worker_num="$NPROC" --master_addr=127.0.0.1 \
   --master_port="${MASTER_PORT:-8118}" --join=True --log_dir="$LOG_DIR" \
-  "$ROOT/train/sft.py" "${ARGS[@]}" "$@"
+  "$ROOT/train/sft.py" "${ARGS[@]}" "$@" &
+MSRUN=$!
+status=0
+wait "$MSRUN" || status=$?
+if [ "$status" -ne 0 ]; then
+  # the workers' one-line errors (rank logs also hold msrun's own noise)
+  grep -h "^error: " "$LOG_DIR"/worker_*.log 2>/dev/null | sort -u >&2 || true
+  echo "training failed (msrun exit status $status); per-rank logs: $LOG_DIR" >&2
+fi
+exit "$status"

@@ -9,6 +9,8 @@ Data directory (written by prepare_vision_data.py / prepare_vqa_data.py):
         images   int32 (h, w)  vision-tokenizer codes of the image
         texts    str           T2I: the image's caption; VQA: the question
         response str           VQA only: the answer
+        made_from str          JSON: the preparation settings and the source image (path, size,
+                               mtime) the file was made from, so a re-run can tell stale files
 
 Sequences (ids as Emu3's tokenizer would produce from the equivalent strings):
     T2I: bos + caption + IMAGE                         loss on the visual tokens only
@@ -23,9 +25,11 @@ Sequences are right-padded to max_length (pad id, no loss), so every batch has o
 """
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from emu3.weights import atomic_open
 from train.trainer import IGNORE_INDEX
@@ -35,22 +39,29 @@ VQA_ASSISTANT = ". ASSISTANT:"
 CODEBOOK_SIZE = 32768  # visual tokens <|visual token 0..32767|>
 
 
-def write_feature(path, name: str, images: np.ndarray, texts: str, response: str | None = None) -> None:
+def write_feature(path, name: str, images: np.ndarray, texts: str, response: str | None = None,
+                  made_from: dict | None = None) -> None:
     """Write one feature file atomically (temporary file, fsync, rename)."""
     path = Path(path)
     arrays = {"name": np.array(name), "images": np.asarray(images, np.int32), "texts": np.array(texts)}
     if response is not None:
         arrays["response"] = np.array(response)
+    if made_from is not None:
+        arrays["made_from"] = np.array(json.dumps(made_from, sort_keys=True))
     with atomic_open(path) as f:
         np.savez(f, **arrays)
 
 
-def write_listing(data_dir, files: list[str]) -> None:
-    """DATA_DIR/list/train.json naming every feature file (relative to DATA_DIR/feature)."""
+def write_listing(data_dir, files: list[str], settings: dict | None = None) -> None:
+    """DATA_DIR/list/train.json naming every feature file (relative to DATA_DIR/feature) and the
+    settings they were prepared with."""
     listing = Path(data_dir) / "list" / "train.json"
     listing.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"prefix": "feature", "path_list": files}
+    if settings is not None:
+        meta["settings"] = settings
     with atomic_open(listing, "w") as f:
-        json.dump({"prefix": "feature", "path_list": files}, f, indent=1)
+        json.dump(meta, f, indent=1)
 
 
 def read_feature(path) -> dict:
@@ -59,10 +70,13 @@ def read_feature(path) -> dict:
                   "texts": str(data["texts"])}
         if "response" in data.files:
             sample["response"] = str(data["response"])
+        if "made_from" in data.files:
+            sample["made_from"] = json.loads(str(data["made_from"]))
     return sample
 
 
-def feature_files(data_dir) -> list[Path]:
+def read_listing(data_dir) -> tuple[list[Path], dict | None]:
+    """(feature files, preparation settings or None) of a prepared data directory."""
     data_dir = Path(data_dir)
     listing = data_dir / "list" / "train.json"
     if not listing.is_file():
@@ -70,12 +84,73 @@ def feature_files(data_dir) -> list[Path]:
             f"{listing} not found: prepare the data first with train/prepare_vision_data.py or "
             "train/prepare_vqa_data.py (they write DATA_DIR/list/train.json and DATA_DIR/feature/)"
         )
-    meta = json.loads(listing.read_text())
-    prefix = Path(meta["prefix"])
-    prefix = prefix if prefix.is_absolute() else data_dir / prefix
-    files = [prefix / p for p in meta["path_list"]]
-    if not files:
+    try:
+        meta = json.loads(listing.read_text())
+        prefix = Path(meta["prefix"])
+        names = meta["path_list"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{listing} is not a data listing ({type(err).__name__}: {err}); expected "
+                         '{"prefix": ..., "path_list": [...]}') from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{listing}: path_list must be a list of file names")
+    if not names:
         raise ValueError(f"{listing} lists no samples")
+    prefix = prefix if prefix.is_absolute() else data_dir / prefix
+    return [prefix / n for n in names], meta.get("settings")
+
+
+def feature_files(data_dir) -> list[Path]:
+    return read_listing(data_dir)[0]
+
+
+def feature_problem(path: Path, task: str) -> str | None:
+    """Why one feature file cannot train `task`, or None when it can."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            fields = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    missing = [k for k in ("name", "images", "texts") if k not in fields]
+    if missing:
+        return f"lacks {missing}"
+    images = fields["images"]
+    if images.ndim != 2 or images.size == 0 or images.dtype.kind not in "iu":
+        return f"images must be a non-empty 2-D integer grid, got {images.dtype} {images.shape}"
+    if images.min() < 0 or images.max() >= CODEBOOK_SIZE:
+        return f"images holds codes outside [0, {CODEBOOK_SIZE})"
+    for key in ("texts", "response"):
+        if key in fields and (fields[key].dtype.kind != "U" or fields[key].ndim != 0):
+            return f"{key} must be a string"
+    if task == "t2i" and "response" in fields:
+        return "is VQA data (it has a response)"
+    if task == "vqa" and "response" not in fields:
+        return "is T2I data (it has no response)"
+    return None
+
+
+def check_data(data_dir, task: str) -> list[Path]:
+    """Every listed feature file exists, is readable and holds `task`'s fields; else ValueError."""
+    files, settings = read_listing(data_dir)
+    prepared_for = (settings or {}).get("task")
+    if prepared_for is not None and prepared_for != task:
+        raise ValueError(f"{data_dir} holds {prepared_for.upper()} data but --task is {task}: "
+                         f"use --task {prepared_for}, or data prepared for {task}")
+    problems = {}
+    for path in tqdm(files, desc="checking feature files", unit="file", disable=None):
+        problem = feature_problem(path, task)
+        if problem is not None:
+            problems[path] = problem
+    if problems:
+        wrong_task = [p for p, why in problems.items() if why.startswith("is ")]
+        if len(wrong_task) == len(files):
+            other = "vqa" if task == "t2i" else "t2i"
+            raise ValueError(f"{data_dir} holds {other.upper()} data but --task is {task}: "
+                             f"use --task {other}, or data prepared for {task}")
+        shown = "; ".join(f"{p}: {why}" for p, why in list(problems.items())[:5])
+        raise ValueError(f"{len(problems)} of {len(files)} feature files listed in {data_dir} cannot train "
+                         f"--task {task}: {shown}")
     return files
 
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from PIL import Image, ImageDraw
 
 from emu3.demo import DEMO_LLM_CONFIG, demo_checkpoints
+from emu3.cli.errors import command
 from train.prepare_common import run
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 205, 40)}
@@ -32,6 +33,7 @@ def draw(shape: str, colour: str, size: int = 64) -> Image.Image:
     return image
 
 
+@command
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +57,7 @@ def main(argv=None):
     (out / "source.json").write_text(json.dumps([{**it, "image": str(it["image"])} for it in items], indent=1))
     prep = SimpleNamespace(vq_path=str(vq_dir), output=str(out), image_area=DEMO_LLM_CONFIG["image_area"],
                            mode="pynative", dtype="fp32")
-    run(items, prep, "tokenizing demo images")
+    run(items, prep, "tokenizing demo images", args.task)
     print(llm_dir)
 
 
