@@ -7,6 +7,7 @@ so both produce the same arrays.
 """
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,9 +15,54 @@ import mindspore as ms
 import numpy as np
 from PIL import Image
 
+logger = logging.getLogger(__name__)
+
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # Keys a preprocessor_config.json may carry that do not change the result.
 _METADATA_KEYS = frozenset({"image_processor_type", "auto_map", "processor_class", "size", "do_pad"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """`image` as 8-bit RGB, the way BAAI's processor converts it, except where that loses the picture.
+
+    PIL's own conversion clips 16-bit greys to 255 (an almost white image): they are scaled to
+    8 bits instead. 32-bit integer and float images have no known range and are refused. Alpha is
+    dropped as BAAI's processor drops it (the colours under see-through pixels show), with a
+    warning when some pixel is see-through. `name` says which image in messages.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"{name} has 32-bit {kind} pixels (PIL mode {image.mode}), whose range is not known: "
+                         "save it as an 8- or 16-bit image first")
+    if image.has_transparency_data and image.convert("RGBA").getextrema()[3][0] < 255:
+        logger.warning("%s has see-through pixels: like BAAI's processor, the alpha channel is dropped and the "
+                       "colours stored under them show; flatten it onto a background first if that is not wanted",
+                       name)
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"{name} (PIL mode {image.mode}) cannot be converted to RGB: {err}") from None
+
+
+def open_image(path) -> Image.Image:
+    """The image file at `path`, decoded in full now (a truncated or unreadable file fails here,
+    naming the file, not later inside the model) and converted with `to_rgb`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image, str(path)).copy()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to be read safely: {err}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except OSError as err:  # unidentified format, truncated data, a directory, no permission
+        raise ValueError(f"{path} cannot be read as an image: {err}") from None
 
 
 class Emu3VisionVQImageProcessor:
@@ -140,7 +186,7 @@ class Emu3VisionVQImageProcessor:
         if image.mode != "RGB":
             if not self.do_convert_rgb:
                 raise ValueError(f"image {index} has mode {image.mode}; set do_convert_rgb=True to convert it")
-            image = image.convert("RGB")
+            image = to_rgb(image, f"image {index}")
         return image
 
     @staticmethod
