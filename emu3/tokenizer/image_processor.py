@@ -15,6 +15,9 @@ import mindspore as ms
 import numpy as np
 from PIL import Image
 
+from emu3 import checks
+from emu3.weights import read_json
+
 logger = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -70,17 +73,26 @@ class Emu3VisionVQImageProcessor:
                  rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5),
                  image_std=(0.5, 0.5, 0.5), do_convert_rgb=True, min_pixels=512 * 512,
                  max_pixels=1024 * 1024, spatial_factor=8):
+        for name, flag in (("do_resize", do_resize), ("do_rescale", do_rescale), ("do_normalize", do_normalize),
+                           ("do_convert_rgb", do_convert_rgb)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        for name, values, low in (("image_mean", image_mean, None), ("image_std", image_std, 0.0)):
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise ValueError(f"{name} must be 3 numbers (one per colour channel), got {values!r}")
+            for value in values:
+                checks.real(f"every entry of {name}", value, low=low, low_open=True)
         self.do_resize = do_resize
-        self.resample = int(resample)
+        self.resample = checks.integer("resample", resample, low=0)
         self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
+        self.rescale_factor = checks.real("rescale_factor", rescale_factor, low=0.0, low_open=True)
         self.do_normalize = do_normalize
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self.do_convert_rgb = do_convert_rgb
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
-        self.spatial_factor = spatial_factor
+        self.spatial_factor = checks.integer("spatial_factor", spatial_factor, low=1)
+        self.min_pixels = checks.integer("min_pixels", min_pixels, low=1)
+        self.max_pixels = checks.integer("max_pixels", max_pixels, low=min_pixels)
 
     # ---------------------------------------------------------------- config
     def to_dict(self) -> dict:
@@ -97,15 +109,15 @@ class Emu3VisionVQImageProcessor:
         path = Path(directory) / PREPROCESSOR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the tokenizer directory needs a {PREPROCESSOR_FILE}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        values = read_json(path, "the image processor's settings")
         known = set(cls().to_dict()) - {"image_processor_type"}
         unknown = sorted(set(values) - known - _METADATA_KEYS)
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)

@@ -113,6 +113,15 @@ def test_save_and_load(processor, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 64, "colour": 1}')
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         Emu3VisionVQImageProcessor.from_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    for text, message in (('{"min_pixels": "4096"}', r"min_pixels must be an integer >= 1, got '4096'"),
+                          ('{"max_pixels": 100}', r"max_pixels must be an integer >= 262144, got 100"),
+                          ('{"image_std": [0.5, 0.0, 0.5]}', r"every entry of image_std must be a finite number > 0"),
+                          ('{"do_normalize": "no"}', r"do_normalize must be true or false, got 'no'"),
+                          ('{"min_pixels": 64', r"is not valid JSON")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"{path}:? {message}"):
+            Emu3VisionVQImageProcessor.from_pretrained(tmp_path)
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(processor, reference_processor, tmp_path):
