@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from emu3 import backend
-from emu3.demo import DEMO_LLM_CONFIG, DEMO_VQ_CONFIG, demo_checkpoints
+from emu3.demo import DEMO_IMAGE_PIXELS, DEMO_LLM_CONFIG, DEMO_VQ_CONFIG, demo_checkpoints
 from emu3.mllm.config import Emu3Config
 from emu3.mllm.model import Emu3ForCausalLM
 from emu3.mllm.processor import Emu3Processor
@@ -60,6 +60,13 @@ def read_configs(args) -> tuple[Emu3Config, Emu3VisionVQConfig]:
     if args.model is None:
         return Emu3Config(**DEMO_LLM_CONFIG), Emu3VisionVQConfig(**DEMO_VQ_CONFIG)
     return Emu3Config.from_pretrained(args.model), Emu3VisionVQConfig.from_pretrained(args.vq)
+
+
+def read_image_processor(args) -> Emu3VisionVQImageProcessor:
+    """The image processor `load` will give, without loading anything else."""
+    if args.vq is None:
+        return Emu3VisionVQImageProcessor(**DEMO_IMAGE_PIXELS)
+    return Emu3VisionVQImageProcessor.from_pretrained(args.vq)
 
 
 def load(args) -> tuple[Emu3ForCausalLM, Emu3Processor, bool]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from emu3.cli import options
 from emu3.cli.errors import command
-from emu3.cli.loading import add_model_arguments, check_model_arguments, load, read_configs
+from emu3.cli.loading import add_model_arguments, check_model_arguments, load, read_configs, read_image_processor
 from emu3.cli.outputs import check_file, locked, save_image
 from emu3.generation.generate import GenerationConfig, generate
 from emu3.tokenizer.image_processor import open_image
@@ -67,8 +67,8 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"give one --question for all images or one per image: {len(questions)} questions "
                          f"for {len(paths)} images")
     # Everything about the request is checked before any model is loaded: the numbers against the
-    # config, every image decoded in full.
-    llm_config, _ = read_configs(args)
+    # config, every image decoded in full and sized against the context window.
+    llm_config, vq_config = read_configs(args)
     max_new_tokens = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if args.model is None else MAX_NEW_TOKENS)
     context = llm_config.max_position_embeddings
     if max_new_tokens >= context:
@@ -81,9 +81,25 @@ def main(argv=None) -> list[dict]:
     )
     gen_config.validate()
     images = [open_image(p) for p in paths]
+    _check_image_sizes(paths, images, read_image_processor(args), vq_config.spatial_factor, max_new_tokens, context)
     output = check_file(args.output, "--output")
     with locked(output, "--output"):
         return _answer(args, paths, images, questions, output, gen_config)
+
+
+def _check_image_sizes(paths, images, image_processor, factor, max_new_tokens, context) -> None:
+    """Each image's tokens (after the processor's resize) plus the answer must fit the context
+    window; the prompt's text is checked with the tokenizer once it is loaded."""
+    for path, image in zip(paths, images):
+        try:
+            height, width = image_processor.smart_resize(image.height, image.width)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        tokens = (height // factor) * (width // factor + 1)
+        if tokens + max_new_tokens >= context:
+            raise ValueError(f"{path} becomes {tokens} tokens ({height // factor}x{width // factor} plus row ends), "
+                             f"which with --max-new-tokens {max_new_tokens} pass the model's context window of "
+                             f"{context}: lower --max-new-tokens or use a smaller image")
 
 
 def _answer(args, paths, images, questions, output, gen_config) -> list[dict]:

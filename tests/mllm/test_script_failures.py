@@ -25,9 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def user_dir(tmp_path, monkeypatch):
-    """A working directory for the command, with a demo cache location that must stay unbuilt."""
+    """A working directory for the command, with a demo cache location that must stay unbuilt, and
+    model loading turned into a failure (a check that let a bad request through fails at once)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EMU3_DEMO_DIR", str(tmp_path / "never_built"))
+
+    def no_loading(args):
+        raise AssertionError("the command went on to load the models")
+
+    for module in (generate_image, vqa):
+        monkeypatch.setattr(module, "load", no_loading)
     return tmp_path
 
 
@@ -86,6 +93,14 @@ def test_unreadable_images_are_named_before_loading(user_dir, capsys):
     Image.fromarray(np.ones((64, 64), np.float32)).save(user_dir / "depth.tiff")
     line = refused(vqa.main, ["--image", "depth.tiff"], user_dir, capsys)
     assert "depth.tiff has 32-bit floating-point pixels (PIL mode F), whose range is not known" in line
+    Image.fromarray(np.zeros((200, 20, 3), np.uint8)).save(user_dir / "strip.png")
+    line = refused(vqa.main, ["--image", "strip.png"], user_dir, capsys)
+    assert line == "error: strip.png: image of 200x20 pixels has aspect ratio 10.00; at most 5 is supported, crop it first"
+    # The demo keeps a 128x128 picture at 128x128 pixels: 16x16 tokens plus 16 row ends = 272.
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(user_dir / "big.png")
+    line = refused(vqa.main, ["--image", "big.png", "--max-new-tokens", "8944"], user_dir, capsys)
+    assert line == "error: big.png becomes 272 tokens (16x16 plus row ends), which with --max-new-tokens 8944 pass " \
+                   "the model's context window of 9216: lower --max-new-tokens or use a smaller image"
 
 
 def _config_dirs(root: Path, edit_llm=None) -> tuple[Path, Path]:
