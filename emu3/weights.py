@@ -12,6 +12,7 @@ import contextlib
 import json
 import mmap
 import os
+import secrets
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,6 +51,17 @@ def _listing(title: str, names) -> str:
     return f"  {title} ({len(names)}): {shown}{more}"
 
 
+def read_json(path, what: str) -> dict:
+    """A JSON object from `path`; any problem raises WeightsError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path} must hold a JSON object ({what}), got {type(value).__name__}")
+    return value
+
+
 def read_config(directory) -> dict:
     """The parsed `config.json` of a checkpoint directory."""
     directory = Path(directory)
@@ -58,10 +70,7 @@ def read_config(directory) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise WeightsError(f"{path} is missing: a checkpoint directory needs a {CONFIG_FILE}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path} is not valid JSON: {err}") from None
+    return read_json(path, "the model's configuration")
 
 
 def weight_files(directory) -> list[Path]:
@@ -69,16 +78,13 @@ def weight_files(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise WeightsError(f"checkpoint directory {directory} does not exist")
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise WeightsError(f"{index} is not a valid safetensors index ({err})") from None
+    weight_map = index_weight_map(directory)
+    if weight_map is not None:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise WeightsError(f"{index} lists shard files that do not exist:\n" + _listing("missing shards", missing))
+            raise WeightsError(f"{directory / INDEX_FILE} lists shard files that do not exist:\n"
+                               + _listing("missing shards", missing))
         return [directory / s for s in shards]
     single = directory / SINGLE_FILE
     if single.is_file():
@@ -89,7 +95,38 @@ def weight_files(directory) -> list[Path]:
 def index_weight_map(directory) -> dict | None:
     """name -> shard file from the index, or None for a single-file checkpoint."""
     index = Path(directory) / INDEX_FILE
-    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    if not index.is_file():
+        return None
+    weight_map = read_json(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+        raise WeightsError(f"{index} is not a valid safetensors index: it needs a \"weight_map\" object of "
+                           "tensor name -> shard file name")
+    return weight_map
+
+
+def _tensor_entry(path: Path, name: str, info, data_size: int):
+    """(dtype, shape, begin, end) of one header entry, checked against the data it points at."""
+    if not isinstance(info, dict) or info.get("dtype") not in _NP_DTYPES:
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                               for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry {info}")
+    begin, end = offsets
+    if end > data_size:
+        raise WeightsError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data, the file holds "
+                           f"{data_size} bytes of data")
+    dtype = _NP_DTYPES[info["dtype"]]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != expected:
+        raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs {expected} "
+                           f"bytes, its data_offsets give {end - begin}")
+    return dtype, shape, begin, end
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -107,21 +144,16 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{path} is not a safetensors file (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path} is not a safetensors file (its header is not a JSON object)")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
     header.pop("__metadata__", None)
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if base + end > size:
-            raise WeightsError(
-                f"{path} is truncated: tensor {name!r} ends at byte {base + end}, the file has {size}"
-            )
-        if info["dtype"] not in _NP_DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = _NP_DTYPES[info["dtype"]]
+        dtype, shape, begin, end = _tensor_entry(path, name, info, size - base)
         arr = np.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=base + begin)
-        tensors[name] = arr.reshape(info["shape"])
+        tensors[name] = arr.reshape(shape)
     return tensors
 
 
@@ -143,18 +175,22 @@ def iter_checkpoint(directory) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Open `path` for writing so that it appears whole or not at all: the data goes to a
-    temporary file beside it, is flushed to disk, and only then renamed over `path`."""
+    temporary file beside it, is flushed to disk, and only then renamed over `path`. A failed
+    write (a full disk, an exception, Ctrl-C) leaves the previous `path` as it was. The temporary
+    name is unique to this writer, so concurrent writers never write into one file; the last
+    rename wins, and every version that ever appears at `path` is whole."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, mode) as f:
+        # "x": create, never open another writer's file.
+        with open(tmp, mode.replace("w", "x")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Checkpoint files: safetensors interoperability, sharding, and strict loading errors."""
+"""Checkpoint files: safetensors interoperability, sharding, strict loading errors, whole writes."""
 
+import errno
 import json
 
 import ml_dtypes
@@ -11,6 +12,7 @@ from mindspore import nn
 
 from emu3 import weights
 from emu3.weights import WeightsError
+from tests import tmpfs
 
 
 class TwoLayers(nn.Cell):
@@ -147,3 +149,77 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def _rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header with `edit(header)`, keeping its data bytes."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + length:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["first.weight"].update(shape=[4, 4]),
+     r"tensor 'first.weight' of shape \[4, 4\] and dtype F32 needs 64 bytes, its data_offsets give 48"),
+    (lambda h: h["first.bias"].update(shape=[1]), r"tensor 'first.bias' of shape \[1\] .* needs 4 bytes"),
+    (lambda h: h["second.weight"].update(shape="2x3"), r"tensor 'second.weight' has a malformed header entry"),
+    (lambda h: h["first.bias"].update(data_offsets=[12, 0]), r"tensor 'first.bias' has a malformed header entry"),
+    (lambda h: h["first.bias"].update(dtype="F8"), r"tensor 'first.bias' has unsupported dtype F8"),
+])
+def test_a_header_that_does_not_match_its_data_names_the_tensor(tmp_path, rng, edit, message):
+    weights.write_checkpoint(_tensors(rng), tmp_path, {})
+    path = tmp_path / weights.SINGLE_FILE
+    _rewrite_header(path, edit)
+    with pytest.raises(WeightsError, match=rf"{path}: {message}"):
+        weights.read_safetensors(path)
+    with pytest.raises(WeightsError, match=message):
+        weights.load_into(TwoLayers(), tmp_path, lambda n: n)
+
+
+def test_json_problems_name_the_file(tmp_path, rng):
+    weights.write_checkpoint(_tensors(rng), tmp_path, {}, max_shard_bytes=30)
+    index = tmp_path / weights.INDEX_FILE
+    index.write_text('{"weight_map": {"first.weight": ')
+    for call in (weights.weight_files, weights.index_weight_map,
+                 lambda d: weights.load_into(TwoLayers(), d, lambda n: n)):
+        with pytest.raises(WeightsError, match=rf"{index} is not valid JSON"):
+            call(tmp_path)
+    index.write_text('{"weight_map": ["model-00001-of-00003.safetensors"]}')
+    with pytest.raises(WeightsError, match=rf"{index} is not a valid safetensors index: it needs a \"weight_map\""):
+        weights.weight_files(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(WeightsError, match=r"config.json must hold a JSON object .*, got list"):
+        weights.read_config(tmp_path)
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    with weights.atomic_open(path) as first:
+        first.write(b"first writer, " * 100)
+        with weights.atomic_open(path) as second:
+            second.write(b"second writer")
+            temporaries = sorted(p.name for p in tmp_path.iterdir())
+            assert len(temporaries) == 2 and all(n.startswith("answers.jsonl.") and n.endswith(".tmp")
+                                                 for n in temporaries)
+        assert path.read_bytes() == b"second writer"
+        first.write(b"done")
+    # The last rename wins, and what it put there is that writer's whole file.
+    assert path.read_bytes() == b"first writer, " * 100 + b"done"
+    assert [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]
+
+
+def test_a_full_disk_leaves_the_previous_file_whole(tmp_path):
+    with tmpfs.mounted(tmp_path / "disk", size_kib=64) as disk:
+        path = disk / "generation.json"
+        with weights.atomic_open(path, "w") as f:
+            f.write("previous run\n")
+        tmpfs.fill(disk)
+        with pytest.raises(OSError) as failure:
+            with weights.atomic_open(path, "w") as f:
+                f.write("x" * 100_000)
+        assert failure.value.errno == errno.ENOSPC
+        assert path.read_text() == "previous run\n"
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "generation.json"]

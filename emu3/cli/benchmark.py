@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from emu3.cli import options
+from emu3.cli.errors import command
+from emu3.cli.outputs import check_file
+
 LLM_CONFIGS = {
     "tiny": dict(vocab_size=184622, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=9216),
@@ -36,8 +40,11 @@ GUIDANCE = 3.0
 TOP_K = 2048
 
 
+TABLES = ("vq", "t2i", "decode", "vqa", "sft")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m emu3.cli.benchmark", description=__doc__.split("\n\n")[0])
+    p = options.ArgumentParser(prog="python -m emu3.cli.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny", help="tiny, small, or a directory with BAAI Emu3 LLM weights")
     p.add_argument("--vq", default=None, help="tiny, emu3 (the real architecture, random weights) or a weights "
                    "directory; default: tiny for --config tiny, emu3 otherwise")
@@ -45,22 +52,71 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="graph", choices=["pynative", "graph"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--attn", default="eager", choices=["eager", "flash_attention_2"])
-    p.add_argument("--tables", default="vq,t2i,decode,vqa,sft",
-                   help="comma list of vq, t2i, decode, vqa, sft")
+    p.add_argument("--tables", type=_tables, default="vq,t2i,decode,vqa,sft",
+                   help="comma list of " + ", ".join(TABLES))
     p.add_argument("--compare-reference", action="store_true",
                    help="also time transformers' Emu3 (PyTorch, CPU) with the same weights and print ratios")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
-    p.add_argument("--image-tokens", default="8x8", help="text-to-image size HxW in tokens (90x90 = 720x720)")
-    p.add_argument("--positions", default="100,4000", help="cache positions for the per-token decode cost")
-    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per position")
-    p.add_argument("--vq-resolution", default="128x128", help="HxW pixels of the vision tokenizer benchmark")
-    p.add_argument("--vq-batch", type=int, default=1)
-    p.add_argument("--vqa-image-tokens", default="16x16", help="HxW tokens of the VQA prompt's image")
-    p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--sft-seq-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--threads", type=options.integer(low=1), default=os.cpu_count(),
+                   help="CPU threads for both frameworks")
+    p.add_argument("--image-tokens", type=_size_text(), default="8x8",
+                   help="text-to-image size HxW in tokens (90x90 = 720x720)")
+    p.add_argument("--positions", type=_positions, default="100,4000",
+                   help="cache positions for the per-token decode cost")
+    p.add_argument("--decode-steps", type=options.integer(low=1), default=32, help="timed decode steps per position")
+    p.add_argument("--vq-resolution", type=_size_text(multiple=8), default="128x128",
+                   help="HxW pixels of the vision tokenizer benchmark (multiples of 8)")
+    p.add_argument("--vq-batch", type=options.integer(low=1), default=1)
+    p.add_argument("--vqa-image-tokens", type=_size_text(), default="16x16", help="HxW tokens of the VQA prompt's image")
+    p.add_argument("--answer-tokens", type=options.integer(low=1), default=32)
+    p.add_argument("--sft-seq-len", type=options.integer(low=2), default=256)
+    p.add_argument("--repeats", type=options.integer(low=1), default=3,
+                   help="timed repetitions (the median is reported)")
     p.add_argument("--output", default="benchmark_results.md")
     return p.parse_args(argv)
+
+
+def _tables(text: str) -> str:
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TABLES))
+    if not wanted or unknown:
+        raise argparse.ArgumentTypeError(f"unknown tables {unknown}; choose from {', '.join(TABLES)}" if unknown
+                                         else "name at least one table")
+    return text
+
+
+def _size_text(multiple: int = 1):
+    """An argparse type: 'HxW' with positive sides (multiples of `multiple`), kept as text."""
+
+    def parse(text: str) -> str:
+        parts = text.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 and int(p) % multiple == 0 for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"must be HxW with two positive integers{f' that are multiples of {multiple}' * (multiple > 1)}, "
+                f"got {text!r}")
+        return text
+
+    return parse
+
+
+def _positions(text: str) -> str:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be a comma list of positive integers, got {text!r}")
+    return text
+
+
+def check_args(args) -> None:
+    """What parsing cannot see: the weights directories and the output file, before any model is built."""
+    if args.config not in LLM_CONFIGS and not Path(args.config).is_dir():
+        raise ValueError(f"--config {args.config} is neither {' nor '.join(LLM_CONFIGS)} nor a directory")
+    if args.vq is not None and args.vq not in VQ_CONFIGS and not Path(args.vq).is_dir():
+        raise ValueError(f"--vq {args.vq} is neither {' nor '.join(VQ_CONFIGS)} nor a directory")
+    if args.compare_reference and args.device != "CPU":
+        raise ValueError("--compare-reference runs the PyTorch reference on the CPU: use --device CPU")
+    if args.compare_reference and args.config not in LLM_CONFIGS:
+        raise ValueError("--compare-reference builds both models from the same random weights: use --config tiny "
+                         "or small")
+    check_file(args.output, "--output")
 
 
 def _size(text: str):
@@ -111,11 +167,6 @@ class Bench:
         self.tmp = tempfile.TemporaryDirectory(prefix="emu3-bench-")
         self.torch = None
         if args.compare_reference:
-            if args.device != "CPU":
-                raise SystemExit("--compare-reference runs the PyTorch reference on the CPU: use --device CPU.")
-            if args.config not in LLM_CONFIGS:
-                raise SystemExit("--compare-reference builds both models from the same random weights: use "
-                                 "--config tiny or small.")
             import torch
             torch.set_num_threads(args.threads)
             torch.manual_seed(0)
@@ -520,9 +571,6 @@ class Bench:
         tables = {"vq": self.vq_table, "t2i": self.t2i_table, "decode": self.decode_table,
                   "vqa": self.vqa_table, "sft": self.sft_table}
         wanted = [t.strip() for t in self.args.tables.split(",") if t.strip()]
-        unknown = sorted(set(wanted) - set(tables))
-        if unknown:
-            raise SystemExit(f"unknown tables {unknown}; choose from {sorted(tables)}")
         parts = [_header(self.args)]
         output = Path(self.args.output)
         for name in wanted:
@@ -567,9 +615,11 @@ def _header(args):
             f"attention {args.attn}\n")
 
 
+@command
 def main(argv=None):
     os.environ.setdefault("GLOG_v", "3")
     args = parse_args(argv)
+    check_args(args)
     Bench(args).run()
 
 

@@ -8,7 +8,6 @@ Each prompt gets BAAI's quality suffix, classifier-free guidance against BAAI's 
 H x W grid of visual tokens, and top-k sampling, then the vision tokenizer decodes the tokens.
 """
 
-import argparse
 import json
 import logging
 import re
@@ -18,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from emu3.cli.loading import add_model_arguments, check_model_arguments, load
+from emu3.cli import options
+from emu3.cli.errors import command
+from emu3.cli.loading import add_model_arguments, check_model_arguments, load, read_configs
+from emu3.cli.outputs import check_directory, locked, refuse_directories, save_image
 from emu3.generation.generate import GenerationConfig, generate
-from emu3.mllm.processor import generation_size, image_tokens_to_generate, parse_ratio
+from emu3.mllm.processor import generation_size, image_tokens_to_generate
+from emu3.weights import atomic_open
 
 POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
 NEGATIVE_PROMPT = (
@@ -28,25 +31,23 @@ NEGATIVE_PROMPT = (
     "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 )
 DEFAULT_PROMPT = "a portrait of young girl."
+META_FILE = "generation.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="infer_img_gen.sh", description=__doc__.split("\n")[0])
+    p = options.ArgumentParser(prog="infer_img_gen.sh", description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: one sample prompt)")
     p.add_argument("--ratio", default="1:1", help="width:height of the images, e.g. 1:1, 16:9, 3:4 (default 1:1)")
-    p.add_argument("--image-area", type=int,
+    p.add_argument("--image-area", type=options.integer(low=1),
                    help="pixels per image (default: the model's image_area, 518400 = 720x720 for Emu3-Gen)")
-    p.add_argument("--guidance-scale", type=float, default=3.0,
-                   help="classifier-free guidance scale; 1 turns guidance off (default 3.0)")
+    p.add_argument("--guidance-scale", type=options.real(low=1.0), default=3.0,
+                   help="classifier-free guidance scale, >= 1; 1 turns guidance off (default 3.0)")
     p.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="the unconditional prompt (default: BAAI's)")
     p.add_argument("--positive-suffix", default=POSITIVE_SUFFIX,
                    help=f"appended to every prompt (default {POSITIVE_SUFFIX!r}; '' for none)")
-    p.add_argument("--top-k", type=int, default=2048, help="sample among the k likeliest tokens (default 2048)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    options.add_sampling_arguments(p, top_k=2048)
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token instead of sampling")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed: same seed, same images (default 42)")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=options.integer(low=1), default=1,
                    help="prompts generated together (default 1; each row with CFG holds two KV caches)")
     p.add_argument("--output-dir", default="outputs", help="where the PNG files go (default outputs/)")
     add_model_arguments(p, "BAAI Emu3-Gen directory (config.json, safetensors, emu3.tiktoken, ...)")
@@ -57,46 +58,54 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:length] or "image"
 
 
+@command
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_model_arguments(args)
     prompts = args.prompt or [DEFAULT_PROMPT]
-    if args.batch_size < 1:
-        sys.exit(f"error: --batch-size must be at least 1, got {args.batch_size}")
-    if args.guidance_scale < 1.0:
-        sys.exit(f"error: --guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
-    try:
-        # Bad ratios and areas are refused before any model is loaded.
-        if args.image_area is None:
-            parse_ratio(args.ratio)
-        else:
-            generation_size(args.ratio, args.image_area)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-
-    model, processor, is_demo = load(args)
-    config = model.config
-    image_area = args.image_area or config.image_area
-    try:
-        # All prompts are checked (lengths against the context window) before any generation.
-        every = processor([p + args.positive_suffix for p in prompts], mode="G", ratio=args.ratio,
-                          image_area=image_area)
-        neg = processor(args.negative_prompt, mode="G", ratio=args.ratio, image_area=image_area)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    h, w = (int(v) for v in every["image_size"][0])
+    # Everything about the request is checked against the configs before any model is loaded.
+    llm_config, vq_config = read_configs(args)
+    image_area = args.image_area or llm_config.image_area
+    h, w = generation_size(args.ratio, image_area, vq_config.spatial_factor)
+    if image_tokens_to_generate(h, w) >= llm_config.max_position_embeddings:
+        raise ValueError(f"an image of {h}x{w} tokens ({image_tokens_to_generate(h, w)} to generate) cannot fit the "
+                         f"model's context window of {llm_config.max_position_embeddings} tokens: use a smaller "
+                         "--image-area")
     gen_config = GenerationConfig(
         max_new_tokens=image_tokens_to_generate(h, w), do_sample=not args.greedy, top_k=args.top_k,
         top_p=args.top_p, temperature=args.temperature, seed=args.seed, guidance_scale=args.guidance_scale,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        eos_token_id=llm_config.eos_token_id, pad_token_id=llm_config.pad_token_id,
     )
+    gen_config.validate()
+    out_dir = Path(args.output_dir)
+    paths = [out_dir / f"{i:03d}_{slug(prompt)}.png" for i, prompt in enumerate(prompts)]
+    f = vq_config.spatial_factor
+    check_directory(out_dir, "--output-dir", needed_bytes=len(prompts) * 3 * (f * h) * (f * w))
+    refuse_directories(paths + [out_dir / META_FILE])
+    with locked(out_dir, "--output-dir"):
+        return _generate_all(args, prompts, paths, (h, w), image_area, gen_config)
+
+
+def _generate_all(args, prompts, paths, size, image_area, gen_config) -> list[Path]:
+    model, processor, is_demo = load(args)
+    # All prompts are checked (lengths against the context window) before any generation.
+    processor([p + args.positive_suffix for p in prompts], mode="G", ratio=args.ratio, image_area=image_area)
+    neg = processor(args.negative_prompt, mode="G", ratio=args.ratio, image_area=image_area)
+    h, w = size
     use_cfg = args.guidance_scale != 1.0
     f = processor.spatial_factor
     print(f"generating {len(prompts)} image(s) of {h}x{w} tokens ({f * w}x{f * h} pixels), "
           f"{gen_config.max_new_tokens} tokens each{', with CFG' if use_cfg else ''}", file=sys.stderr)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"prompts": prompts, "files": [], "finished": False, "ratio": args.ratio, "image_area": image_area,
+            "tokens": [h, w], "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
+            "temperature": args.temperature, "greedy": args.greedy, "seed": args.seed,
+            "batch_size": args.batch_size}
+    if is_demo:
+        meta["random_demo_weights"] = True
+    # generation.json always describes this run: the files finished so far, and whether all are.
+    _write_meta(out_dir, meta)
     written = []
     start = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
@@ -110,23 +119,23 @@ def main(argv=None) -> list[Path]:
             negative_attention_mask=np.repeat(neg["attention_mask"], rows, 0) if use_cfg else None,
             image_size=(h, w),
         )
-        for i, (prompt, row) in enumerate(zip(chunk, ids), first):
+        for prompt, row, path in zip(chunk, ids, paths[first:]):
             images = [part for part in processor.decode(row) if not isinstance(part, str)]
-            path = out_dir / f"{i:03d}_{slug(prompt)}.png"
-            images[0].save(path)
+            save_image(images[0], path)
             written.append(path)
+            meta["files"].append(path.name)
+            _write_meta(out_dir, meta)
             print(f"{path}  <- {prompt!r}")
-    seconds = time.perf_counter() - start
-    meta = {"prompts": prompts, "files": [p.name for p in written], "ratio": args.ratio, "image_area": image_area,
-            "tokens": [h, w], "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
-            "temperature": args.temperature, "greedy": args.greedy, "seed": args.seed,
-            "batch_size": args.batch_size, "seconds": round(seconds, 2)}
-    if is_demo:
-        meta["random_demo_weights"] = True
-    (out_dir / "generation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta.update(finished=True, seconds=round(time.perf_counter() - start, 2))
+    _write_meta(out_dir, meta)
     if is_demo:
         print("NOTE: these images come from RANDOM demo weights and are noise.", file=sys.stderr)
     return written
+
+
+def _write_meta(out_dir: Path, meta: dict) -> None:
+    with atomic_open(out_dir / META_FILE) as f:
+        f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 from emu3 import backend
-from emu3.demo import demo_checkpoints
+from emu3.demo import DEMO_IMAGE_PIXELS, DEMO_LLM_CONFIG, DEMO_VQ_CONFIG, demo_checkpoints
+from emu3.mllm.config import Emu3Config
 from emu3.mllm.model import Emu3ForCausalLM
 from emu3.mllm.processor import Emu3Processor
 from emu3.mllm.tokenizer import Emu3Tokenizer
-from emu3.tokenizer import Emu3VisionVQImageProcessor, Emu3VisionVQModel
+from emu3.tokenizer import Emu3VisionVQConfig, Emu3VisionVQImageProcessor, Emu3VisionVQModel
 
 logger = logging.getLogger("emu3")
 
@@ -46,11 +47,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> Non
 def check_model_arguments(args) -> None:
     """Refuse inconsistent weights options before anything is loaded."""
     if (args.model is None) != (args.vq is None):
-        sys.exit("error: give both --model and --vq (BAAI's weights directories), or neither for the random demo")
+        raise ValueError("give both --model and --vq (BAAI's weights directories), or neither for the random demo")
     for name in ("model", "vq"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_dir():
-            sys.exit(f"error: --{name} {path} is not a directory")
+            raise ValueError(f"--{name} {path} is not a directory")
+
+
+def read_configs(args) -> tuple[Emu3Config, Emu3VisionVQConfig]:
+    """The two models' configs, read and checked in a moment, so that options can be checked
+    against them (image sizes, the context window) before minutes of loading."""
+    if args.model is None:
+        return Emu3Config(**DEMO_LLM_CONFIG), Emu3VisionVQConfig(**DEMO_VQ_CONFIG)
+    return Emu3Config.from_pretrained(args.model), Emu3VisionVQConfig.from_pretrained(args.vq)
+
+
+def read_image_processor(args) -> Emu3VisionVQImageProcessor:
+    """The image processor `load` will give, without loading anything else."""
+    if args.vq is None:
+        return Emu3VisionVQImageProcessor(**DEMO_IMAGE_PIXELS)
+    return Emu3VisionVQImageProcessor.from_pretrained(args.vq)
 
 
 def load(args) -> tuple[Emu3ForCausalLM, Emu3Processor, bool]:

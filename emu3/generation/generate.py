@@ -27,7 +27,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from tqdm.auto import tqdm
 
-from emu3 import backend
+from emu3 import backend, checks
 from emu3.generation.constraints import VISUAL_CODEBOOK_SIZE, ImagePrefixConstraint, image_start_offsets
 from emu3.generation.guidance import classifier_free_guidance
 from emu3.generation.sampling import apply_temperature, draw_uniforms, greedy, sample
@@ -62,14 +62,19 @@ class GenerationConfig:
     mode: str | None = None
 
     def validate(self) -> None:
-        if int(self.max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.top_k is not None and int(self.top_k) < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None: no top-k), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0.0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        """Refuse values that would run silently wrong: NaN or infinite numbers, fractions where a
+        count is needed, anything out of range."""
+        checks.integer("max_new_tokens", self.max_new_tokens, low=1)
+        if self.top_k is not None:
+            checks.integer("top_k (0 or None: no top-k)", self.top_k, low=0)
+        checks.real("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        checks.real("temperature (use do_sample=False for greedy)", self.temperature, low=0.0, low_open=True)
+        if self.seed is not None:
+            checks.integer("seed", self.seed, low=0)
+        if self.guidance_scale is not None:
+            checks.real("guidance_scale", self.guidance_scale, low=0.0)
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if self.mode not in (None, *backend.MODES):
             raise ValueError(f"mode must be None, 'pynative' or 'graph', got {self.mode!r}")
 
@@ -135,11 +140,15 @@ def _step_for(model, config, constrained, eos, pad, rows, max_length) -> Generat
     return _LAST_STEP[key]
 
 
-def _as_prompt(ids, mask, name: str):
+def _as_prompt(ids, mask, name: str, vocab_size: int):
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{name} must be a non-empty (batch, length) integer array, got shape {ids.shape} "
                          f"dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        # The embedding lookup would not fail: it would read a wrong or zero row.
+        raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size}): values from {ids.min()} "
+                         f"to {ids.max()}")
     if mask is None:
         mask = np.ones_like(ids)
     mask = np.asarray(mask)
@@ -198,15 +207,19 @@ def generate(model, input_ids, attention_mask=None, config: GenerationConfig | N
 def _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, image_size,
               progress):
     model_config = model.config
-    eos = model_config.eos_token_id if config.eos_token_id is None else int(config.eos_token_id)
-    pad = model_config.pad_token_id if config.pad_token_id is None else int(config.pad_token_id)
-    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids")
+    last_id = model_config.vocab_size - 1
+    eos = checks.integer("eos_token_id", model_config.eos_token_id if config.eos_token_id is None
+                         else config.eos_token_id, low=0, high=last_id)
+    pad = checks.integer("pad_token_id", model_config.pad_token_id if config.pad_token_id is None
+                         else config.pad_token_id, low=0, high=last_id)
+    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids", model_config.vocab_size)
     batch = ids.shape[0]
     if config.guided:
         if negative_input_ids is None:
             raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
                              f"prompts, built with the processor in mode 'G' like the prompts).")
-        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids")
+        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids",
+                                       model_config.vocab_size)
         if neg_ids.shape[0] != batch:
             raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
                              f"negative prompt per prompt.")

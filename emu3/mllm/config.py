@@ -3,12 +3,17 @@
 BAAI's checkpoints (Emu3-Gen, Emu3-Chat, Emu3-Stage1) store these keys flat in config.json. The
 transformers "-hf" conversions nest the same keys under "text_config" (the rest of that file
 describes the vision tokenizer and the vocabulary map); `from_pretrained` reads either.
+
+Every value is checked for its type and range, in Python and from files alike. A config file must
+also name every key that decides the model's shape or its special tokens (`REQUIRED_KEYS`,
+`REQUIRED_HF_TEXT_KEYS`, `HF_VOCAB_TOKENS`): a missing `hidden_size` is an error, never 4096. The
+defaults of the constructor (Emu3-8B's values) serve configs built in Python.
 """
 
 import inspect
 import logging
 
-from emu3 import weights
+from emu3 import checks, weights
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +21,20 @@ logger = logging.getLogger(__name__)
 _BOOKKEEPING_KEYS = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
                      "_name_or_path", "use_return_dict", "attn_implementation", "_attn_implementation_autoset")
 _ROPE_TYPES = ("default", "linear")
+# What BAAI's config.json and transformers' -hf one say this model is.
+MODEL_TYPES = ("Emu3", "emu3")
+ARCHITECTURES = ("Emu3ForCausalLM", "Emu3ForConditionalGeneration")
+
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "img_token_id", "boi_token_id", "eoi_token_id",
+               "eol_token_id", "eof_token_id")
+_BOOL_KEYS = ("use_cache", "tie_word_embeddings", "attention_bias", "mlp_bias")
+# Every BAAI Emu3 config.json has these; the rest may take the constructor's default.
+REQUIRED_KEYS = _SIZE_KEYS + ("rms_norm_eps", "rope_theta", "image_area") + _TOKEN_KEYS
+# transformers writes these into every -hf text_config; the keys it leaves out equal its defaults,
+# which are ours (pad/bos/eos ids included).
+REQUIRED_HF_TEXT_KEYS = _SIZE_KEYS + ("rms_norm_eps", "rope_theta")
 
 
 class Emu3Config:
@@ -88,6 +107,22 @@ class Emu3Config:
         self._validate()
 
     def _validate(self):
+        for key in _SIZE_KEYS + ("image_area", "pretraining_tp"):
+            checks.integer(key, getattr(self, key), low=1)
+        for key in _TOKEN_KEYS:
+            # Only the text ids must lie in the vocabulary: a text-only model (a small test
+            # vocabulary) never meets the image ids, and image generation checks them itself.
+            text = key in ("pad_token_id", "bos_token_id", "eos_token_id")
+            checks.integer(key, getattr(self, key), low=0, high=self.vocab_size - 1 if text else None)
+        checks.real("rms_norm_eps", self.rms_norm_eps, low=0.0, low_open=True)
+        checks.real("rope_theta", self.rope_theta, low=0.0, low_open=True)
+        checks.real("initializer_range", self.initializer_range, low=0.0)
+        checks.real("attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True)
+        for key in _BOOL_KEYS:
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be null or an object, got {self.rope_scaling!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -103,8 +138,8 @@ class Emu3Config:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in _ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: {_ROPE_TYPES})")
-            if rope_type == "linear" and not float(self.rope_scaling.get("factor", 0)) > 1.0:
-                raise ValueError(f"linear rope_scaling needs a factor > 1, got {self.rope_scaling}")
+            if rope_type == "linear":
+                checks.real("linear rope_scaling's factor", self.rope_scaling.get("factor"), low=1.0, low_open=True)
 
     @property
     def head_dim(self) -> int:
@@ -119,21 +154,31 @@ class Emu3Config:
         return float(self.rope_scaling["factor"]) if rope_type == "linear" else 1.0
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Emu3Config":
-        """From BAAI's flat config.json, or from a transformers -hf config that nests a text_config."""
+    def from_dict(cls, data: dict, source: str = "config") -> "Emu3Config":
+        """From BAAI's flat config.json, or from a transformers -hf config that nests a text_config.
+
+        `source` names the file in errors. The config must describe an Emu3 language model and name
+        every required key.
+        """
+        _check_architecture(data, source)
         if "text_config" in data:
-            data = _from_hf(data)
+            data = _from_hf(data, source)
+        else:
+            _require(data, REQUIRED_KEYS, source)
         known = set(inspect.signature(cls.__init__).parameters) | set(_BOOKKEEPING_KEYS)
         unknown = sorted(set(data) - known)
         if unknown:
             # A checkpoint's config.json may carry keys written by other tools; they do not
             # change this model, so they are reported rather than fatal.
             logger.warning("ignoring config keys that Emu3Config does not use: %s", ", ".join(unknown))
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as err:
+            raise weights.WeightsError(f"{source}: {err}") from None
 
     @classmethod
     def from_pretrained(cls, directory) -> "Emu3Config":
-        return cls.from_dict(weights.read_config(directory))
+        return cls.from_dict(weights.read_config(directory), f"{directory}/{weights.CONFIG_FILE}")
 
     def to_dict(self) -> dict:
         """BAAI's flat config.json content."""
@@ -155,14 +200,36 @@ _HF_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "tie_word_embeddings", "rope_theta", "rope_scaling", "attention_dropout", "attention_bias",
                  "mlp_bias")
 # -hf configs carry the image token ids only inside the vocabulary map.
-_HF_VOCAB_TOKENS = {"img_token_id": "<|image token|>", "boi_token_id": "<|image start|>",
-                    "eoi_token_id": "<|image end|>", "eol_token_id": "<|extra_200|>",
-                    "eof_token_id": "<|extra_201|>"}
+HF_VOCAB_TOKENS = {"img_token_id": "<|image token|>", "boi_token_id": "<|image start|>",
+                   "eoi_token_id": "<|image end|>", "eol_token_id": "<|extra_200|>",
+                   "eof_token_id": "<|extra_201|>"}
 
 
-def _from_hf(data: dict) -> dict:
-    text = data["text_config"] or {}
+def _check_architecture(data: dict, source: str) -> None:
+    model_type, architectures = data.get("model_type"), data.get("architectures")
+    other = model_type is not None and model_type not in MODEL_TYPES
+    if architectures is not None:
+        other = other or not isinstance(architectures, list) or not set(architectures) <= set(ARCHITECTURES)
+    if other:
+        raise weights.WeightsError(
+            f"{source} describes another model (model_type {model_type!r}, architectures {architectures!r}), not "
+            f"Emu3's language model (model_type 'Emu3', architectures ['Emu3ForCausalLM'])")
+
+
+def _require(data: dict, keys, source: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise weights.WeightsError(f"{source} lacks required keys {missing}: an Emu3 checkpoint's config names "
+                                   "them, and a guessed value would load a different model")
+
+
+def _from_hf(data: dict, source: str) -> dict:
+    text, vocabulary = data["text_config"], data.get("vocabulary_map")
+    if not isinstance(text, dict) or not isinstance(vocabulary, dict):
+        raise weights.WeightsError(f"{source}: a transformers -hf config needs a text_config object and a "
+                                   "vocabulary_map object")
+    _require(text, REQUIRED_HF_TEXT_KEYS, f"{source} (text_config)")
+    _require(vocabulary, list(HF_VOCAB_TOKENS.values()), f"{source} (vocabulary_map)")
     out = {k: text[k] for k in _HF_TEXT_KEYS if k in text}
-    vocabulary = data.get("vocabulary_map") or {}
-    out.update({key: vocabulary[token] for key, token in _HF_VOCAB_TOKENS.items() if token in vocabulary})
+    out.update({key: vocabulary[token] for key, token in HF_VOCAB_TOKENS.items()})
     return out

@@ -166,7 +166,7 @@ class Emu3Processor:
 
     def decode_image(self, codes) -> Image.Image:
         """A PIL image from (h, w) codes."""
-        codes = ms.Tensor(np.asarray(codes, dtype=np.int32)[None])
+        codes = ms.Tensor(np.asarray(codes)[None])  # the vision tokenizer refuses non-integer codes
         pixels = self.vision_tokenizer.decode(codes).astype(ms.float32).asnumpy()
         return self.image_processor.postprocess(pixels)["pixel_values"][0]
 
@@ -181,9 +181,8 @@ class Emu3Processor:
         Text parts are decoded with `skip_special_tokens`; empty text parts are left out. An image
         span must hold complete rows (w visual tokens + eol) matching its "H*W" header.
         """
-        ids = ids.asnumpy() if hasattr(ids, "asnumpy") else np.asarray(ids)
-        ids = ids.reshape(-1).tolist()
         tok = self.tokenizer
+        ids = tok.id_list(ids)
         parts, start = [], 0
         while start < len(ids):
             boi = ids.index(tok.boi_token_id, start) if tok.boi_token_id in ids[start:] else len(ids)

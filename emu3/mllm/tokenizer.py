@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from emu3.weights import read_json
+
 VOCAB_FILE = "emu3.tiktoken"
 VISION_TOKENS_FILE = "emu3_vision_tokens.txt"
 CONFIG_FILE = "tokenizer_config.json"
@@ -71,12 +73,6 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
                 f"{VOCAB_FILE} must be a tiktoken BPE file (Qwen's vocabulary)"
             ) from None
     return ranks
-
-
-def _as_id_list(ids) -> list[int]:
-    if hasattr(ids, "asnumpy"):  # a MindSpore tensor
-        ids = ids.asnumpy()
-    return np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
 
 
 class Emu3Tokenizer:
@@ -136,7 +132,7 @@ class Emu3Tokenizer:
             raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
         config = {}
         if (directory / CONFIG_FILE).is_file():
-            config = json.loads((directory / CONFIG_FILE).read_text())
+            config = read_json(directory / CONFIG_FILE, "the tokenizer's configuration")
         roles = {}
         for role in DEFAULT_ROLES:
             value = config.get(role)
@@ -227,12 +223,25 @@ class Emu3Tokenizer:
         return {"input_ids": np.array(rows, dtype=np.int32), "attention_mask": np.array(masks, dtype=np.int32)}
 
     # ---- ids -> text ------------------------------------------------------------------------
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of a sequence of ids; with skip_special_tokens every id from 151643 on is dropped."""
-        ids = _as_id_list(ids)
+    def id_list(self, ids) -> list[int]:
+        """ids (a list, numpy array or MindSpore tensor) as a flat list of ints, each checked to be an
+        integer inside the vocabulary."""
+        if hasattr(ids, "asnumpy"):  # a MindSpore tensor
+            ids = ids.asnumpy()
+        array = np.asarray(ids)
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            # Converting would truncate 3.7 to 3 and read True as 1: a wrong text with no error.
+            raise ValueError(f"token ids must be integers, got {array.dtype} values such as "
+                             f"{array.reshape(-1)[0]!r}")
+        ids = array.astype(np.int64).reshape(-1).tolist()
         bad = [i for i in ids if not 0 <= i < len(self)]
         if bad:
             raise ValueError(f"ids {bad[:5]} are outside the vocabulary [0, {len(self)})")
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of a sequence of ids; with skip_special_tokens every id from 151643 on is dropped."""
+        ids = self.id_list(ids)
         if skip_special_tokens:
             ids = [i for i in ids if i < FIRST_SPECIAL_ID]
         return self._encoding.decode(ids, errors=self.errors)

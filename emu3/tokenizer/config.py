@@ -2,6 +2,7 @@
 
 from dataclasses import asdict, dataclass, field, fields
 
+from emu3 import checks
 from emu3.weights import WeightsError
 
 # Keys a transformers/BAAI config.json carries that say nothing about the architecture.
@@ -29,6 +30,18 @@ class Emu3VisionVQConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        for key in ("codebook_size", "embed_dim", "z_channels", "in_channels", "out_channels",
+                    "temporal_downsample_factor", "ch", "num_res_blocks"):
+            checks.integer(key, getattr(self, key), low=1)
+        for key, low in (("ch_mult", 1), ("attn_resolutions", 0)):
+            values = getattr(self, key)
+            if not isinstance(values, (list, tuple)) or not values and key == "ch_mult":
+                raise ValueError(f"{key} must be a list of integers, got {values!r}")
+            for value in values:
+                checks.integer(f"every entry of {key}", value, low=low)
+        checks.real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.double_z, bool):
+            raise ValueError(f"double_z must be true or false, got {self.double_z!r}")
         self.ch_mult = list(self.ch_mult)
         self.attn_resolutions = list(self.attn_resolutions)
         problems = []
@@ -56,6 +69,9 @@ class Emu3VisionVQConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "Emu3VisionVQConfig":
         """Build from BAAI's keys; `source` names the file in errors. Every key must be known."""
+        if values.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise WeightsError(f"{source} describes another model (model_type {values['model_type']!r}), not "
+                               f"Emu3's vision tokenizer (model_type {MODEL_TYPE!r})")
         keys = set(values) - METADATA_KEYS
         unknown = sorted(keys - set(cls.arch_keys()))
         missing = sorted(set(cls.arch_keys()) - keys)

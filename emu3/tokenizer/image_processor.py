@@ -7,6 +7,7 @@ so both produce the same arrays.
 """
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,9 +15,57 @@ import mindspore as ms
 import numpy as np
 from PIL import Image
 
+from emu3 import checks
+from emu3.weights import read_json
+
+logger = logging.getLogger(__name__)
+
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # Keys a preprocessor_config.json may carry that do not change the result.
 _METADATA_KEYS = frozenset({"image_processor_type", "auto_map", "processor_class", "size", "do_pad"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """`image` as 8-bit RGB, the way BAAI's processor converts it, except where that loses the picture.
+
+    PIL's own conversion clips 16-bit greys to 255 (an almost white image): they are scaled to
+    8 bits instead. 32-bit integer and float images have no known range and are refused. Alpha is
+    dropped as BAAI's processor drops it (the colours under see-through pixels show), with a
+    warning when some pixel is see-through. `name` says which image in messages.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise ValueError(f"{name} has 32-bit {kind} pixels (PIL mode {image.mode}), whose range is not known: "
+                         "save it as an 8- or 16-bit image first")
+    if image.has_transparency_data and image.convert("RGBA").getextrema()[3][0] < 255:
+        logger.warning("%s has see-through pixels: like BAAI's processor, the alpha channel is dropped and the "
+                       "colours stored under them show; flatten it onto a background first if that is not wanted",
+                       name)
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"{name} (PIL mode {image.mode}) cannot be converted to RGB: {err}") from None
+
+
+def open_image(path) -> Image.Image:
+    """The image file at `path`, decoded in full now (a truncated or unreadable file fails here,
+    naming the file, not later inside the model) and converted with `to_rgb`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image, str(path)).copy()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to be read safely: {err}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except OSError as err:  # unidentified format, truncated data, a directory, no permission
+        raise ValueError(f"{path} cannot be read as an image: {err}") from None
 
 
 class Emu3VisionVQImageProcessor:
@@ -24,17 +73,26 @@ class Emu3VisionVQImageProcessor:
                  rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5),
                  image_std=(0.5, 0.5, 0.5), do_convert_rgb=True, min_pixels=512 * 512,
                  max_pixels=1024 * 1024, spatial_factor=8):
+        for name, flag in (("do_resize", do_resize), ("do_rescale", do_rescale), ("do_normalize", do_normalize),
+                           ("do_convert_rgb", do_convert_rgb)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        for name, values, low in (("image_mean", image_mean, None), ("image_std", image_std, 0.0)):
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise ValueError(f"{name} must be 3 numbers (one per colour channel), got {values!r}")
+            for value in values:
+                checks.real(f"every entry of {name}", value, low=low, low_open=True)
         self.do_resize = do_resize
-        self.resample = int(resample)
+        self.resample = checks.integer("resample", resample, low=0)
         self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
+        self.rescale_factor = checks.real("rescale_factor", rescale_factor, low=0.0, low_open=True)
         self.do_normalize = do_normalize
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self.do_convert_rgb = do_convert_rgb
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
-        self.spatial_factor = spatial_factor
+        self.spatial_factor = checks.integer("spatial_factor", spatial_factor, low=1)
+        self.min_pixels = checks.integer("min_pixels", min_pixels, low=1)
+        self.max_pixels = checks.integer("max_pixels", max_pixels, low=min_pixels)
 
     # ---------------------------------------------------------------- config
     def to_dict(self) -> dict:
@@ -51,15 +109,15 @@ class Emu3VisionVQImageProcessor:
         path = Path(directory) / PREPROCESSOR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the tokenizer directory needs a {PREPROCESSOR_FILE}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        values = read_json(path, "the image processor's settings")
         known = set(cls().to_dict()) - {"image_processor_type"}
         unknown = sorted(set(values) - known - _METADATA_KEYS)
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
@@ -140,7 +198,7 @@ class Emu3VisionVQImageProcessor:
         if image.mode != "RGB":
             if not self.do_convert_rgb:
                 raise ValueError(f"image {index} has mode {image.mode}; set do_convert_rgb=True to convert it")
-            image = image.convert("RGB")
+            image = to_rgb(image, f"image {index}")
         return image
 
     @staticmethod

@@ -198,3 +198,51 @@ def test_bad_inputs_have_clear_errors(models):
     with pytest.raises(ValueError, match="one negative prompt per prompt"):
         generate(model, ids, config=GenerationConfig(guidance_scale=3.0), negative_input_ids=np.ones((2, 3), int),
                  progress=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=float("nan"), do_sample=True), r"temperature .* must be a finite number > 0, got nan"),
+    (dict(temperature=float("inf")), r"temperature .* got inf"),
+    (dict(top_p=float("nan")), r"top_p must be a finite number in \(0, 1\], got nan"),
+    (dict(top_p=1.5), r"top_p must be a finite number in \(0, 1\], got 1.5"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens must be an integer >= 1, got 2.5"),
+    (dict(max_new_tokens="8"), r"max_new_tokens must be an integer >= 1, got '8'"),
+    (dict(top_k=True), r"top_k .* must be an integer >= 0, got True"),
+    (dict(top_k=-1), r"top_k .* must be an integer >= 0, got -1"),
+    (dict(guidance_scale=float("inf")), r"guidance_scale must be a finite number >= 0, got inf"),
+    (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number >= 0, got nan"),
+    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
+    (dict(seed=1.0), r"seed must be an integer >= 0, got 1.0"),
+    (dict(do_sample="yes"), r"do_sample must be True or False"),
+])
+def test_generation_config_refuses_non_finite_and_wrong_types(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**settings).validate()
+
+
+def test_the_default_and_numpy_values_pass():
+    GenerationConfig().validate()
+    GenerationConfig(max_new_tokens=np.int64(4), top_k=np.int32(2), top_p=np.float32(0.5), seed=np.uint32(7),
+                     guidance_scale=np.float64(3.0), do_sample=np.bool_(True)).validate()
+
+
+@pytest.mark.parametrize("ids, config, message", [
+    (np.array([[5, -1, 7]]), GenerationConfig(), r"input_ids holds ids outside the vocabulary \[0, 184622\): "
+                                                  r"values from -1 to 7"),
+    (np.array([[5, 184622]]), GenerationConfig(), r"outside the vocabulary \[0, 184622\)"),
+    (np.array([[5, 6]]), GenerationConfig(eos_token_id=184622), r"eos_token_id must be an integer in \[0, 184621\]"),
+    (np.array([[5, 6]]), GenerationConfig(pad_token_id=-3), r"pad_token_id must be an integer in \[0, 184621\]"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_step(models, monkeypatch, ids, config, message):
+    _, model = models
+
+    def never(*args, **kwargs):
+        raise AssertionError("a generation step was built for a refused request")
+
+    monkeypatch.setattr(generate_module, "_step_for", never)
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, config=config, progress=False)
+    negative = np.array([[5, 6, 200000]])
+    with pytest.raises(ValueError, match=r"negative_input_ids holds ids outside the vocabulary"):
+        generate(model, np.array([[5, 6, 7]]), config=GenerationConfig(guidance_scale=3.0),
+                 negative_input_ids=negative, progress=False)

@@ -58,7 +58,8 @@ def _write_hf_checkpoint(model, directory, old_names):
                                                      "pretraining_tp")}
     config = {"architectures": ["Emu3ForConditionalGeneration"], "model_type": "emu3",
               "text_config": {**text, "model_type": "emu3_text_model"}, "vq_config": {"embed_dim": 4},
-              "vocabulary_map": {"<|image token|>": 151851, "<|image start|>": 151852, "<|extra_200|>": 151846}}
+              "vocabulary_map": {"<|image token|>": 151851, "<|image start|>": 151852, "<|image end|>": 151853,
+                                 "<|extra_200|>": 151846, "<|extra_201|>": 151847}}
     tensors = {}
     for name, arr in _params(model).items():
         hf = layouts.to_hf_name(name)
@@ -77,7 +78,8 @@ def test_hf_layout_loads_the_same_model(tmp_path, old_names):
     loaded = Emu3ForCausalLM.from_pretrained(tmp_path)
     for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "rope_theta"):
         assert getattr(loaded.config, key) == getattr(model.config, key)
-    assert loaded.config.img_token_id == 151851 and loaded.config.eol_token_id == 151846
+    assert (loaded.config.img_token_id, loaded.config.boi_token_id, loaded.config.eoi_token_id,
+            loaded.config.eol_token_id, loaded.config.eof_token_id) == (151851, 151852, 151853, 151846, 151847)
     _assert_same_weights(loaded, model)
 
 
@@ -92,6 +94,71 @@ def test_config_round_trip_and_bad_values():
     assert Emu3Config.from_dict({**config.to_dict(), "output_hidden_states": False}) == config
     with pytest.raises(ValueError, match="rope_scaling"):
         Emu3Config(rope_scaling={"type": "yarn", "factor": 2.0})
+
+
+def _edited_config(tmp_path, edit):
+    """A saved tiny checkpoint whose config.json was changed by `edit(config)`."""
+    d = _saved(tmp_path, shard=False)
+    config = json.loads((d / "config.json").read_text())
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "num_key_value_heads", "rope_theta", "eos_token_id",
+                                 "img_token_id", "image_area"])
+def test_a_required_key_is_never_defaulted(tmp_path, key):
+    d = _edited_config(tmp_path, lambda c: c.pop(key))
+    with pytest.raises(weights.WeightsError, match=rf"{d}/config.json lacks required keys \['{key}'\]"):
+        Emu3ForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", "64", r"hidden_size must be an integer >= 1, got '64'"),
+    ("hidden_size", 64.0, r"hidden_size must be an integer >= 1, got 64.0"),
+    ("num_hidden_layers", True, r"num_hidden_layers must be an integer >= 1, got True"),
+    ("num_hidden_layers", 0, r"num_hidden_layers must be an integer >= 1, got 0"),
+    ("rms_norm_eps", float("nan"), r"rms_norm_eps must be a finite number > 0, got nan"),
+    ("rope_theta", float("inf"), r"rope_theta must be a finite number > 0, got inf"),
+    ("attention_dropout", 1.0, r"attention_dropout must be a finite number in \[0, 1\), got 1.0"),
+    ("eos_token_id", 512, r"eos_token_id must be an integer in \[0, 511\], got 512"),
+    ("pad_token_id", -1, r"pad_token_id must be an integer in \[0, 511\], got -1"),
+    ("use_cache", "yes", r"use_cache must be true or false, got 'yes'"),
+    ("rope_scaling", {"type": "linear", "factor": float("nan")}, r"linear rope_scaling's factor must be a finite"),
+])
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, key, value, message):
+    d = _edited_config(tmp_path, lambda c: c.__setitem__(key, value))
+    with pytest.raises(weights.WeightsError, match=rf"{d}/config.json: {message}"):
+        Emu3ForCausalLM.from_pretrained(d)
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**{key: value})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
+     r"describes another model \(model_type 'llama', architectures \['LlamaForCausalLM'\]\)"),
+    (lambda c: c.update(architectures=["Emu3VisionVQModel"]), r"describes another model"),
+    (lambda c: c.update(model_type="Emu3VisionVQ"), r"describes another model \(model_type 'Emu3VisionVQ'"),
+])
+def test_a_config_of_another_model_is_refused(tmp_path, edit, message):
+    d = _edited_config(tmp_path, edit)
+    with pytest.raises(weights.WeightsError, match=rf"{d}/config.json {message}"):
+        Emu3ForCausalLM.from_pretrained(d)
+
+
+def test_hf_config_needs_its_shape_keys_and_image_tokens(tmp_path):
+    model = tiny_model()
+    _write_hf_checkpoint(model, tmp_path, old_names=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["vocabulary_map"]["<|image end|>"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError, match=r"\(vocabulary_map\) lacks required keys \['<\|image end\|>'\]"):
+        Emu3ForCausalLM.from_pretrained(tmp_path)
+    config["vocabulary_map"]["<|image end|>"] = 151853
+    del config["text_config"]["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError, match=r"\(text_config\) lacks required keys \['hidden_size'\]"):
+        Emu3ForCausalLM.from_pretrained(tmp_path)
 
 
 def _saved(tmp_path, shard=True):

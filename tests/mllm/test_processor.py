@@ -143,6 +143,14 @@ def test_decode_turns_generated_ids_into_images(processor, tok, vq, image_proces
     short = np.concatenate([prompt["input_ids"][0], generated[:w + 1 + 2]])  # cut inside row 2
     with pytest.raises(ValueError, match="complete grid"):
         processor.decode(short)
+    # An id outside the vocabulary inside an image span would otherwise be skipped silently.
+    for bad in (-1, len(tok)):
+        broken = ids.copy()
+        broken[len(prompt["input_ids"][0]) + 1] = bad
+        with pytest.raises(ValueError, match=rf"ids \[{bad}\] are outside the vocabulary"):
+            processor.decode(broken)
+    with pytest.raises(ValueError, match="codes must be integers"):
+        processor.decode_image(codes.astype(np.float32))
 
 
 def test_prefix_constrained_fn_follows_the_rule(processor, tok):

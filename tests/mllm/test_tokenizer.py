@@ -174,3 +174,20 @@ def test_clear_errors(tok, tmp_path):
         tok.decode([5, 184622])
     with pytest.raises(TypeError, match="must be a str"):
         tok.encode(123)
+    bad = write_tokenizer_files(tmp_path / "bad")
+    (bad / CONFIG_FILE).write_text('{"bos_token": "<|extra_203|>",')
+    with pytest.raises(ValueError, match=rf"{CONFIG_FILE} is not valid JSON"):
+        Emu3Tokenizer.from_pretrained(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([5, -1], r"ids \[-1\] are outside the vocabulary \[0, 184622\)"),
+    (np.array([-7, 3]), r"ids \[-7\] are outside the vocabulary"),
+    (np.array([3.7, 5.0]), r"token ids must be integers, got float64"),
+    ([True, False], r"token ids must be integers, got bool"),
+])
+def test_decode_refuses_ids_that_are_not_vocabulary_entries(tok, ids, message):
+    with pytest.raises(ValueError, match=message):
+        tok.decode(ids)
+    with pytest.raises(ValueError, match=message):
+        tok.batch_decode(np.asarray(ids)[None])

@@ -96,6 +96,25 @@ def test_config_with_unknown_or_missing_keys(vq_dirs, tmp_path):
         Emu3VisionVQModel.from_pretrained(hf)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("ch", "256", r"ch must be an integer >= 1, got '256'"),
+    ("codebook_size", 512.0, r"codebook_size must be an integer >= 1, got 512.0"),
+    ("num_res_blocks", 0, r"num_res_blocks must be an integer >= 1, got 0"),
+    ("ch_mult", [1, "2", 2, 4], r"every entry of ch_mult must be an integer >= 1, got '2'"),
+    ("ch_mult", 4, r"ch_mult must be a list of integers, got 4"),
+    ("dropout", float("nan"), r"dropout must be a finite number in \[0, 1\), got nan"),
+    ("double_z", "false", r"double_z must be true or false, got 'false'"),
+    ("model_type", "Emu3", r"describes another model \(model_type 'Emu3'\), not Emu3's vision tokenizer"),
+])
+def test_config_values_of_the_wrong_type_or_model_are_refused(vq_dirs, tmp_path, key, value, message):
+    bad = _copy(vq_dirs["original"], tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=rf"{bad}/config.json.*{message}"):
+        Emu3VisionVQModel.from_pretrained(bad)
+
+
 @pytest.mark.parametrize("layout", ["original", "hf"])
 def test_missing_unexpected_and_misshaped_tensors(vq_dirs, tmp_path, layout):
     bad = _copy(vq_dirs[layout], tmp_path / "bad")
