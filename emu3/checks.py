@@ -1,4 +1,4 @@
-"""Checks of numbers that users and config files give: integers and finite reals within a range.
+"""Checks of values that users and config files give: integers and finite reals within a range, choices.
 
 Each check returns the value or raises ValueError("<name> must be ..., got <value>"), so a
 command-line option, a config key and a Python argument get the same words. `problem` gives the
@@ -39,18 +39,26 @@ def problem(value, integer: bool, low=None, high=None, low_open: bool = False, h
     return None
 
 
-def integer(name: str, value, low=None, high=None) -> int:
-    """`value` as an int (bools and floats refused) within [low, high]."""
-    found = problem(value, True, low, high)
+def number(name: str, value, integer: bool = False, low=None, high=None, low_open: bool = False,
+           high_open: bool = False):
+    """`value` as an int (`integer`: bools and floats refused) or a finite float (ints allowed, bools
+    refused) within [low, high], a bound excluded when `low_open` / `high_open`."""
+    found = problem(value, integer, low, high, low_open, high_open)
     if found:
         raise ValueError(f"{name} {found}")
-    return int(value)
+    return int(value) if integer else float(value)
+
+
+def integer(name: str, value, low=None, high=None) -> int:
+    return number(name, value, True, low, high)
 
 
 def real(name: str, value, low=None, high=None, low_open: bool = False, high_open: bool = False) -> float:
-    """`value` as a finite float (ints allowed, bools refused) within [low, high], a bound excluded
-    when `low_open` / `high_open`."""
-    found = problem(value, False, low, high, low_open, high_open)
-    if found:
-        raise ValueError(f"{name} {found}")
-    return float(value)
+    return number(name, value, False, low, high, low_open, high_open)
+
+
+def choice(name: str, value, choices):
+    """`value` when it is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value

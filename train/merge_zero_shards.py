@@ -26,7 +26,7 @@ from tqdm import tqdm
 from emu3.cli.errors import command
 from emu3.weights import INDEX_FILE, SINGLE_FILE, CONFIG_FILE, write_checkpoint
 from train import checkpoint
-from train.option_checks import check_number
+from emu3 import checks
 from train.zero import unshard_arrays
 
 logger = logging.getLogger("train.merge")
@@ -128,7 +128,7 @@ def main(argv=None):
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="split the weights into files of this size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     args = parser.parse_args(argv)
-    shard_gb = check_number("max_shard_gb", args.max_shard_gb, low=0, low_open=True)
+    shard_gb = checks.real("--max_shard_gb", args.max_shard_gb, low=0, low_open=True)
     out = merge(args.checkpoint, args.output, args.dtype, max(1, int(shard_gb * 2**30)), args.overwrite)
     print(f"wrote {out}")
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from emu3 import backend
 from emu3.weights import atomic_open
 from train.dataset import read_listing, write_feature, write_listing
-from train.dirlock import DirectoryLock
-from train.option_checks import check_number
+from emu3 import checks
+from emu3.cli.outputs import locked
 
 logger = logging.getLogger("train.prepare")
 
@@ -126,14 +126,14 @@ def _stored(path: Path) -> dict | None:
 
 def run(items: list[dict], args, describe: str, task: str) -> None:
     """items: {"name", "image" (path), "texts", optional "response"}; writes features + listing."""
-    check_number("image_area", args.image_area, integer=True, low=1)
+    checks.integer("--image_area", args.image_area, low=1)
     out = Path(args.output)
     names = [safe_name(it["name"]) for it in items]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"sample names must be unique; repeated: {dupes[:10]}")
-    lock = DirectoryLock(out, f"data preparation ({describe})")
-    try:
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "--output", f"data preparation ({describe})"):
         tokenizing = Tokenizing(args)
         settings = tokenizing.settings(task)
         if (out / "list" / "train.json").is_file():
@@ -166,8 +166,6 @@ def run(items: list[dict], args, describe: str, task: str) -> None:
         if not done:
             raise ValueError(f"no sample could be prepared ({len(failed)} failed, listed in {out / FAILED_FILE})")
         write_listing(out, done, {**settings, "vq_path": str(Path(args.vq_path).resolve()), "dtype": args.dtype})
-    finally:
-        lock.release()
     if failed:
         logger.warning("%d samples skipped (listed in %s); re-run to retry them", len(failed), out / FAILED_FILE)
     logger.info("%d samples ready in %s", len(done), out)

@@ -11,6 +11,7 @@ gradient stops the run before anything is saved.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -24,13 +25,12 @@ import numpy as np
 import yaml
 from mindspore import ops
 
-from emu3 import backend
+from emu3 import backend, checks
 from emu3.cli.errors import command
+from emu3.cli.outputs import locked
 from emu3.weights import atomic_open
 from train import checkpoint
 from train.dataset import DataLoader, SFTDataset, check_data, shift_labels
-from train.dirlock import DirectoryLock
-from train.option_checks import check_choice, check_number
 from train.parallel import enable_sequence_parallel, init_parallel
 from train.trainer import AdamW, GradientCheck, LossAndGrads, LossScaler, cosine_lr
 from train.zero import enable_zero3
@@ -86,7 +86,7 @@ def _bool(text):
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-# Ranges of the numeric options (check_number's keywords); every one is checked before anything loads.
+# Ranges of the numeric options (emu3.checks.number's keywords); every one is checked before anything loads.
 RANGES = {
     "max_length": dict(integer=True, low=2), "batch_size": dict(integer=True, low=1),
     "grad_accum": dict(integer=True, low=1), "max_steps": dict(integer=True, low=1),
@@ -141,14 +141,14 @@ def check_options(args: argparse.Namespace) -> None:
     for name, (kind, _, _) in OPTIONS.items():
         value = getattr(args, name)
         if name in RANGES:
-            setattr(args, name, check_number(name, value, **RANGES[name]))
+            setattr(args, name, checks.number(f"--{name}", value, **RANGES[name]))
         elif kind is bool and not isinstance(value, bool):
             raise ValueError(f"--{name} must be true or false, got {value!r}")
         elif kind is str and value is not None and not isinstance(value, str):
             raise ValueError(f"--{name} must be a string, got {value!r}")
     for name, choices in CHOICES.items():
         if not (getattr(args, name) is None and OPTIONS[name][1] is None):  # None: MindSpore's default device
-            check_choice(name, getattr(args, name), choices)
+            checks.choice(f"--{name}", getattr(args, name), choices)
     if args.min_lr > args.lr:
         raise ValueError(f"--min_lr {args.min_lr} is above --lr {args.lr}")
     if args.warmup_steps > args.max_steps:
@@ -225,7 +225,10 @@ class Run:
     def open_output(self) -> None:
         """Lock the output directory (rank 0), resume or refuse to overwrite a run, and cut
         log.jsonl back to the step training starts from."""
-        self.lock = DirectoryLock(self.args.output_dir, "training") if self.ps.rank == 0 else None
+        self.lock = contextlib.ExitStack()
+        if self.ps.rank == 0:
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            self.lock.enter_context(locked(self.args.output_dir, "--output_dir", "training"))
         directory, damaged = start_point(self.args)
         if self.ps.rank == 0:
             for bad, why in damaged:
@@ -376,8 +379,7 @@ class Run:
             self.stop_if_diverged(record)
             if self.step % args.save_steps == 0 or self.step == args.max_steps:
                 self.save()
-        if self.lock is not None:
-            self.lock.release()
+        self.lock.close()
 
     def stop_if_diverged(self, record: dict) -> None:
         """A non-finite loss, or gradients that loss scaling cannot bring back, end the run (on

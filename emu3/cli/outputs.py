@@ -64,8 +64,9 @@ def refuse_directories(paths) -> None:
 
 
 @contextlib.contextmanager
-def locked(target, option: str):
-    """Hold the lock of an output: a directory's lock file is inside it, a file's lock beside it."""
+def locked(target, option: str, purpose: str | None = None):
+    """Hold the lock of an output: a directory's lock file is inside it, a file's lock beside it.
+    `purpose` (e.g. "training") is shown to a second run that finds the output in use."""
     target = Path(target)
     lock = target / DIRECTORY_LOCK if target.is_dir() else target.with_name(f".{target.name}.lock")
     while True:
@@ -87,7 +88,8 @@ def locked(target, option: str):
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        os.write(fd, (f"{purpose}, {holder}" if purpose else holder).encode())
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from PIL import Image
 from emu3.tokenizer import Emu3VisionVQConfig, Emu3VisionVQImageProcessor, Emu3VisionVQModel
 from train import prepare_vision_data, prepare_vqa_data
 from train.dataset import feature_files, read_feature, read_listing
-from train.dirlock import DirectoryLock
+from emu3.cli.outputs import locked
 from train.prepare_common import Tokenizing, area_size
 
 AREA = 32 * 32  # 4x4 token grids
@@ -180,7 +180,7 @@ def test_other_settings_are_refused_and_nothing_is_written(tmp_path, vq_dir, cap
     prepare_t2i(tmp_path, vq_dir, pairs, out)
     capsys.readouterr()
     def stamps():
-        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
     before = stamps()
     with pytest.raises(SystemExit) as exit_info:
@@ -210,13 +210,10 @@ def test_image_area_is_checked_before_any_image(tmp_path, vq_dir, capsys, area, 
 
 def test_a_directory_in_use_is_refused(tmp_path, vq_dir, capsys):
     write_images(tmp_path)
-    lock = DirectoryLock(tmp_path / "d", "data preparation (test)")
-    try:
-        with pytest.raises(SystemExit):
-            prepare_t2i(tmp_path, vq_dir, [{"name": "a", "text": "t", "image": "a.png"}], tmp_path / "d")
-        assert "is in use by data preparation (test) (pid" in capsys.readouterr().err
-    finally:
-        lock.release()
+    (tmp_path / "d").mkdir()
+    with locked(tmp_path / "d", "--output", "data preparation (test)"), pytest.raises(SystemExit):
+        prepare_t2i(tmp_path, vq_dir, [{"name": "a", "text": "t", "image": "a.png"}], tmp_path / "d")
+    assert "is in use by another run (data preparation (test), pid" in capsys.readouterr().err
     prepare_t2i(tmp_path, vq_dir, [{"name": "a", "text": "t", "image": "a.png"}], tmp_path / "d")
     assert [f.name for f in feature_files(tmp_path / "d")] == ["a.npz"]
 

@@ -134,7 +134,7 @@ def test_generator_state_travels_with_the_checkpoint(small_run, tmp_path):
     # 2.7.1's CPU backend does not advance it (measured), so set the state such a run would hold.
     ms.set_rng_state(ms.Tensor(np.array([42, 7], np.int64).view(np.uint8)))  # seed 42, offset 7
     run.save()
-    run.lock.release()  # the run ends (train() releases it)
+    run.lock.close()  # the run ends (train() releases it)
     saved = ms.get_rng_state().asnumpy()
     ms.manual_seed(42)  # what the resumed run's start-up does (--seed 42)
     assert not np.array_equal(ms.get_rng_state().asnumpy(), saved)
@@ -147,7 +147,7 @@ def _dropout_follows_the_generator() -> bool:
     from emu3.mllm.config import Emu3Config
     from emu3.mllm.model import Emu3ForCausalLM
 
-    model = Emu3ForCausalLM(Emu3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    model = Emu3ForCausalLM(Emu3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.5))
     model.set_train(True)
     ids = ms.Tensor(np.arange(8, dtype=np.int32).reshape(1, 8))
