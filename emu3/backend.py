@@ -54,14 +54,14 @@ def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
 
 
 def jit_level() -> str:
-    """The graph compilation level of the current device.
+    """The graph compilation level of the current device (docs/llm.md has the reasoning).
 
-    CPU: O0, kernel by kernel without fusion; O1 fuses nothing on the CPU (the same 376 kernels
-    per decode step of the benchmark's small model). Ascend: O1, the same kernel-by-kernel runtime plus automatic fusion of
-    elementwise chains (RMSNorm, RoPE, residual adds): a decode step is a few hundred small
-    kernels whose launch cost dominates it. O2 (whole-graph sinking through CANN's GraphEngine)
-    would remove the launches too, but it compiles a different operator set than the one the
-    compile checks on CPU cover (tests/ascend), at a much longer compilation.
+    CPU: O0, kernel by kernel; O1 fuses nothing on the CPU (the same 376 kernels per decode step
+    of the benchmark's small model). Ascend: O1, the same kernel-by-kernel runtime plus MindSpore's
+    automatic operator fusion: a decode step is a few hundred small kernels, mostly elementwise
+    (RMSNorm, RoPE, residual adds), whose launch cost dominates it. O2 (whole-graph sinking through
+    CANN's GraphEngine) would also remove the launches, but it compiles another operator set than
+    the one tests/ascend checks, at a much longer compilation.
     """
     return "O1" if _ON_ASCEND else "O0"
 
@@ -233,11 +233,11 @@ _INDEX_COPY = InplaceIndexCopy()
 
 def write_cache_slots(cache, slots, values):
     """Write (B, heads, L, D) `values` into the (B, heads, S, D) Parameter `cache` at the L `slots`
-    (axis 2), in place; returns the written cache. The slots must hold zeros (KVCache.reset).
+    (axis 2), in place; returns the written cache.
 
-    CPU: IndexAdd (0 + x is exactly x), the fastest in-place write measured there
-    (emu3/generation/cache.py). Ascend: InplaceIndexCopy, whose aclnn kernel lists bf16 on Atlas A2;
-    IndexAdd lists none for bf16.
+    CPU: IndexAdd into zeroed slots (KVCache.reset; 0 + x is exactly x), the fastest in-place write
+    measured there (emu3/generation/cache.py). Ascend: InplaceIndexCopy, whose aclnn kernel lists
+    bf16 on Atlas A2; IndexAdd lists none for bf16.
     """
     if on_ascend():
         return _INDEX_COPY(cache, 2, slots, values)

@@ -29,7 +29,9 @@ class _Attention(nn.Cell):
 
 
 def _qkv(dtype, length):
-    return _t(np.zeros((2, 4, length, 16)), dtype), _t(np.zeros((2, 2, 8, 16)), dtype), _t(np.zeros((2, 2, 8, 16)), dtype)
+    """(B, 4 heads, L, 16) query, (B, 2 kv heads, 8 slots, 16) key and value."""
+    kv = _t(np.zeros((2, 2, 8, 16)), dtype)
+    return _t(np.zeros((2, 4, length, 16)), dtype), kv, kv
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
