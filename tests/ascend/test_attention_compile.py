@@ -2,6 +2,7 @@
 training graphs, compiled on the CPU with the Ascend switch on: each must fail only at kernel
 selection (tests/ascend/compile_check.py)."""
 
+import contextlib
 import re
 
 import mindspore as ms
@@ -78,6 +79,15 @@ class _CacheWrite(nn.Cell):
         return self.cache.update(0, key, value, slots)[0]
 
 
+@contextlib.contextmanager
+def _graph_on_cpu():
+    backend.set_run_mode("graph", "CPU")
+    try:
+        yield
+    finally:
+        backend.set_run_mode("pynative", "CPU")
+
+
 def _validated_ir(directory) -> str:
     """The IR of the last compilation after type inference (MindSpore's `validate` stage)."""
     return "".join(path.read_text() for path in sorted(directory.glob("*validate*.ir")))
@@ -101,14 +111,6 @@ def test_the_bf16_cache_write_is_an_in_place_index_copy_into_the_parameter(tmp_p
         finally:
             ms.set_context(save_graphs=False)
     assert re.search(rf"{op}\(%para\d+_[\w.]*kv_cache\.0, [^\n]*UMonad", _validated_ir(tmp_path))
-
-
-class _graph_on_cpu:
-    def __enter__(self):
-        backend.set_run_mode("graph", "CPU")
-
-    def __exit__(self, *exc):
-        backend.set_run_mode("pynative", "CPU")
 
 
 def _model(dtype, fused, **overrides):
