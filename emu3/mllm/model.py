@@ -126,14 +126,19 @@ def _rotate(x, cos, signed_sin, swap_halves):
     return x * cos + ops.gather(x, swap_halves, 3) * signed_sin
 
 
-def _fused_linear(parts, first: str, fused: str):
-    """One bias-free nn.Dense computing the outputs of `parts` side by side (their weights stacked
-    by output rows): one matmul instead of len(parts). Its weight's name is the first part's with
-    `first` replaced by `fused` (parameter names must stay unique in the model)."""
+def _fuse(cell, fused: str) -> None:
+    """Replace the projections of `cell` that layouts.FUSED[fused] lists by one bias-free nn.Dense
+    `cell.<fused>` computing their outputs side by side (weights stacked by output rows): one matmul
+    instead of several. Its weight is named like the first part's, with `fused` for the part's name
+    (parameter names stay unique in the model)."""
+    names = layouts.FUSED[fused]
+    parts = [getattr(cell, name) for name in names]
     weight = ops.concat([part.weight for part in parts], 0)
     layer = nn.Dense(weight.shape[1], weight.shape[0], has_bias=False, weight_init=weight, dtype=weight.dtype)
-    layer.weight.name = parts[0].weight.name.replace(f".{first}.", f".{fused}.")
-    return layer
+    layer.weight.name = parts[0].weight.name.replace(f".{names[0]}.", f".{fused}.")
+    setattr(cell, fused, layer)
+    for name in names:
+        setattr(cell, name, None)
 
 
 class Emu3Attention(nn.Cell):
@@ -154,8 +159,7 @@ class Emu3Attention(nn.Cell):
     def fuse_projections(self):
         """Replace q_proj, k_proj and v_proj by one qkv_proj (an inference speed-up, same results)."""
         if self.qkv_proj is None:
-            self.qkv_proj = _fused_linear((self.q_proj, self.k_proj, self.v_proj), "q_proj", "qkv_proj")
-            self.q_proj = self.k_proj = self.v_proj = None
+            _fuse(self, "qkv_proj")
 
     def core_attention(self, q, k, v, mask):
         """Softmax attention on (B, heads, L, D) q and (B, kv_heads, S, D) k/v; `mask` is
@@ -199,8 +203,7 @@ class Emu3MLP(nn.Cell):
     def fuse_projections(self):
         """Replace gate_proj and up_proj by one gate_up_proj (an inference speed-up, same results)."""
         if self.gate_up_proj is None:
-            self.gate_up_proj = _fused_linear((self.gate_proj, self.up_proj), "gate_proj", "gate_up_proj")
-            self.gate_proj = self.up_proj = None
+            _fuse(self, "gate_up_proj")
 
     def construct(self, x):
         if self.gate_up_proj is None:
