@@ -1,11 +1,12 @@
 """The one place where CPU and Ascend differ.
 
 Everything else in the package uses ops that have kernels on both devices. What lives here:
-run-mode and device selection, dtype names, the few computations that have a fused Ascend
-kernel but no CPU kernel (attention, RMSNorm), dropout (generator-based on Ascend; the CPU has
-no such kernel), which collectives exist natively, and the vision tokenizer's Conv3d compute
-dtype (Ascend's Conv3d takes fp16 only). Each computation has a plain fallback that is the
-reference implementation on CPU and the numerical yardstick for the fused one.
+run-mode and device selection, the default dtype and attention kernel of each device, dtype
+names, the KV-cache write, the few computations that have a fused Ascend kernel but no CPU kernel
+(attention, RMSNorm), dropout (generator-based on Ascend; the CPU has no such kernel), which
+collectives exist natively, and the vision tokenizer's Conv3d compute dtype (Ascend's Conv3d
+takes fp16 only). Each computation has a plain fallback that is the reference implementation on
+CPU and the numerical yardstick for the fused one.
 """
 
 import logging
@@ -15,6 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import mint, ops
 from mindspore.common.generator import default_generator
+from mindspore.ops.auto_generate import InplaceIndexCopy
 from mindspore.ops.auto_generate.gen_ops_prim import dropout_gen_mask_ext_op
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ def native_collectives() -> bool:
     return _ON_ASCEND
 
 
+
 def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
     """Select PYNATIVE or GRAPH mode (and optionally the device: "CPU" or "Ascend")."""
     global _ON_ASCEND, _GRAPH
@@ -61,8 +64,20 @@ def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
         # of the demo model took 82 s without this and 17 s with it (pynative).
         ms.runtime.launch_blocking()
     if mode == "graph":
-        # Compile the whole cell once (no partial pynative fallback) so shapes stay static.
-        ms.set_context(jit_config={"jit_level": "O0"})
+        ms.set_context(jit_config={"jit_level": jit_level()})
+
+
+def jit_level() -> str:
+    """The graph compilation level of the current device (docs/llm.md has the reasoning).
+
+    CPU: O0, kernel by kernel; O1 fuses nothing on the CPU (the same 376 kernels per decode step
+    of the benchmark's small model). Ascend: O1, the same kernel-by-kernel runtime plus MindSpore's
+    automatic operator fusion: a decode step is a few hundred small kernels, mostly elementwise
+    (RMSNorm, RoPE, residual adds), whose launch cost dominates it. O2 (whole-graph sinking through
+    CANN's GraphEngine) would also remove the launches, but it compiles another operator set than
+    the one tests/ascend checks, at a much longer compilation.
+    """
+    return "O1" if _ON_ASCEND else "O0"
 
 
 def run_mode() -> str:
@@ -94,6 +109,17 @@ def conv3d_compute_dtype(model_dtype: ms.Type) -> ms.Type:
     CPU: the model dtype (fp32, or fp16 when asked for).
     """
     return ms.float16 if on_ascend() else model_dtype
+
+
+def default_dtype() -> str:
+    """bf16 on Ascend (the checkpoints' dtype, half of fp32's memory); fp32 on CPU, which has no
+    bf16 matmul."""
+    return "bf16" if on_ascend() else "fp32"
+
+
+def default_attn_implementation() -> str:
+    """Ascend's fused kernels where there is an NPU, the eager reference elsewhere."""
+    return "flash_attention_2" if on_ascend() else "eager"
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -154,52 +180,92 @@ def cache_windows(max_length: int) -> tuple:
     return (*windows, max_length)
 
 
-def attention(query, key, value, mask, implementation: str = "eager", dropout: float = 0.0):
+# Slots a query may not attend get this score before the softmax: transformers' value (finfo(float32).min).
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def attention(query, key, value, masked, implementation: str = "eager", dropout: float = 0.0):
     """Scaled dot-product attention over (B, heads, L, D) query and (B, kv_heads, S, D) key/value.
 
-    `mask` is additive, a 4-D tensor broadcastable to (B, 1, L, S), 0 where attention is allowed and a large
-    negative number elsewhere. Grouped-query attention: key/value heads are shared by
-    heads // kv_heads query heads. Softmax runs in fp32; the result has the query's dtype.
+    `masked` is a boolean map, True where a query may not attend a key, of shape (B, 1, L, S) or
+    (L, S) (None: no mask). It is the format every kernel takes, so a model builds it once per
+    forward and each layer passes it on unchanged. Every query row must allow at least one key:
+    fully masked rows are undefined on the fused kernels (emu3.mllm.model always allows a token's
+    own slot). Grouped-query attention: key/value heads are shared by heads // kv_heads query heads.
+    Softmax runs in fp32; the result has the query's dtype.
     """
     if implementation == "flash_attention_2":
-        return _flash_attention(query, key, value, mask, dropout)
-    return _eager_attention(query, key, value, mask, dropout)
+        if query.shape[2] == 1 and dropout == 0.0:
+            return _incremental_attention(query, key, value, masked)
+        return _flash_attention(query, key, value, masked, dropout)
+    return _eager_attention(query, key, value, masked, dropout)
 
 
 # Scores as one batched matmul against the untransposed keys (MatMul with transpose_b).
 _MATMUL_NT = ops.BatchMatMul(transpose_b=True)
 
 
-def _eager_attention(query, key, value, mask, dropout):
+def _eager_attention(query, key, value, masked, dropout):
     # Grouped-query attention without repeating k/v: the query heads that share a kv head are
     # stacked along the query axis, so each kv head is read once. On CPU this is ~30x faster than
     # materialising repeated k/v for a decode step over a 4096-slot cache.
     b, heads, length, d = query.shape
     kv_heads, s = key.shape[1], key.shape[2]
-    n_rep = heads // kv_heads
-    q = query.reshape(b, kv_heads, n_rep * length, d)
-    scale = 1.0 / math.sqrt(d)
-    scores = _MATMUL_NT(q, key).astype(ms.float32) * scale
-    if mask is not None:
-        mask = ops.broadcast_to(mask.astype(ms.float32), (mask.shape[0], 1, length, s))
-        scores = scores + ops.tile(mask, (1, 1, n_rep, 1))  # row r * length + l is query head r, position l
+    q = query.reshape(b, kv_heads, heads // kv_heads * length, d)
+    scores = _MATMUL_NT(q, key).astype(ms.float32) * (1.0 / math.sqrt(d))
+    if masked is not None:
+        # Stacked (B, kv_heads, n_rep * L, S) is the memory of (B, heads, L, S), where the map
+        # broadcasts over the heads; for one query (a decode step) the stacked rows are the heads.
+        if length > 1:
+            scores = scores.reshape(b, heads, length, s)
+        scores = ops.masked_fill(scores, masked, _MASKED)
     probs = apply_dropout(ops.softmax(scores, -1), dropout)
-    return ops.matmul(probs.astype(value.dtype), value).reshape(b, heads, length, d)
+    probs = probs.astype(value.dtype).reshape(b, kv_heads, -1, s)
+    return ops.matmul(probs, value).reshape(b, heads, length, d)
 
 
-def _flash_attention(query, key, value, mask, dropout):
-    # Ascend's fused kernel takes a boolean "masked out" map and handles GQA natively.
-    heads = query.shape[1]
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    dtype = query.dtype
-    q, k, v = (t.astype(ms.float16) if dtype == ms.float32 else t for t in (query, key, value))
-    masked_out = None if mask is None else (mask < 0).astype(ms.uint8)
+def _half(tensors, dtype):
+    # Ascend's fused attention kernels take fp16/bf16 only.
+    return tuple(t.astype(ms.float16) for t in tensors) if dtype == ms.float32 else tensors
+
+
+def _flash_attention(query, key, value, masked, dropout):
+    # Prefill and training: FlashAttentionScore takes the boolean map as is and handles GQA natively.
+    q, k, v = _half((query, key, value), query.dtype)
     keep_bits = None if dropout == 0.0 else _flash_keep_bits(query.shape, key.shape[2], dropout, q.dtype)
     out = ops.flash_attention_score(
-        q, k, v, heads, drop_mask=keep_bits, attn_mask=masked_out, keep_prob=1.0 - dropout, scalar_value=scale,
-        input_layout="BNSD",
+        q, k, v, query.shape[1], drop_mask=keep_bits, attn_mask=masked, keep_prob=1.0 - dropout,
+        scalar_value=1.0 / math.sqrt(query.shape[-1]), input_layout="BNSD",
     )
-    return out.astype(dtype)
+    return out.astype(query.dtype)
+
+
+def _incremental_attention(query, key, value, masked):
+    # One-token decode steps: FusedInferAttentionScore's incremental branch (Q_S = 1), which
+    # reads the KV cache once per kv head; the (B, 1, 1, S) map is one of its documented shapes.
+    q, k, v = _half((query, key, value), query.dtype)
+    out = ops.fused_infer_attention_score(
+        q, k, v, atten_mask=masked, num_heads=query.shape[1], num_key_value_heads=key.shape[1],
+        scale=1.0 / math.sqrt(query.shape[-1]), input_layout="BNSD",
+    )[0]
+    return out.astype(query.dtype)
+
+
+_INDEX_ADD = ops.IndexAdd(axis=2)
+_INDEX_COPY = InplaceIndexCopy()
+
+
+def write_cache_slots(cache, slots, values):
+    """Write (B, heads, L, D) `values` into the (B, heads, S, D) Parameter `cache` at the L `slots`
+    (axis 2), in place; returns the written cache.
+
+    CPU: IndexAdd into zeroed slots (KVCache.reset; 0 + x is exactly x), the fastest in-place write
+    measured there (emu3/generation/cache.py). Ascend: InplaceIndexCopy, whose aclnn kernel lists
+    bf16 on Atlas A2; IndexAdd lists none for bf16.
+    """
+    if on_ascend():
+        return _INDEX_COPY(cache, 2, slots, values)
+    return _INDEX_ADD(cache, slots, values)
 
 
 # ---- dropout ----------------------------------------------------------------------------------

@@ -7,26 +7,32 @@ import pytest
 from emu3 import backend
 
 
-def _causal_mask(q_len, k_len):
-    # Queries are the last q_len positions of the k_len keys.
+def _masked(rng, q_len, k_len, batch=2):
+    """(B, 1, L, S) boolean map, True = not allowed: causal (queries are the last q_len of the
+    k_len positions) with random extra keys masked, never a query's own position."""
     allowed = np.tril(np.ones((q_len, k_len), bool), k=k_len - q_len)
-    return np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+    allowed = allowed & (rng.random((batch, 1, q_len, k_len)) > 0.3)
+    allowed[..., np.arange(q_len), np.arange(k_len - q_len, k_len)] = True
+    return ~allowed
+
+
+def _sdpa(torch, q, k, v, masked):
+    rep = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        torch.from_numpy(q), torch.from_numpy(k).repeat_interleave(rep, 1),
+        torch.from_numpy(v).repeat_interleave(rep, 1), attn_mask=torch.from_numpy(~masked)).numpy()
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_attention_matches_torch_sdpa_with_gqa(torch_reference, rng, kv_heads):
-    torch = torch_reference
-    q = rng.standard_normal((2, 4, 5, 8)).astype(np.float32)
+@pytest.mark.parametrize("q_len", [5, 1])
+def test_attention_matches_torch_sdpa_with_gqa(torch_reference, rng, kv_heads, q_len):
+    q = rng.standard_normal((2, 4, q_len, 8)).astype(np.float32)
     k = rng.standard_normal((2, kv_heads, 7, 8)).astype(np.float32)
     v = rng.standard_normal((2, kv_heads, 7, 8)).astype(np.float32)
-    mask = _causal_mask(5, 7)
-    ours = backend.attention(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), ms.Tensor(mask)).asnumpy()
-    rep = 4 // kv_heads
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q), torch.from_numpy(k).repeat_interleave(rep, 1),
-        torch.from_numpy(v).repeat_interleave(rep, 1), attn_mask=torch.from_numpy(mask),
-    ).numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    masked = _masked(rng, q_len, 7)
+    for mask in (masked, masked[0, 0]):  # the two shapes the model passes: (B, 1, L, S) and (L, S)
+        ours = backend.attention(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), ms.Tensor(mask)).asnumpy()
+        np.testing.assert_allclose(ours, _sdpa(torch_reference, q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_rms_norm_matches_torch(torch_reference, rng):

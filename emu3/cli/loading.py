@@ -78,12 +78,12 @@ def load(args) -> tuple[Emu3ForCausalLM, Emu3Processor, bool]:
         model_dir, vq_dir = demo_checkpoints()
     else:
         model_dir, vq_dir = args.model, args.vq
-    dtype = args.dtype or ("bf16" if backend.on_ascend() else "fp32")
-    attn = args.attn_implementation or ("flash_attention_2" if backend.on_ascend() else "eager")
+    dtype = args.dtype or backend.default_dtype()
+    attn = args.attn_implementation or backend.default_attn_implementation()
 
     start = time.perf_counter()
     tokenizer = Emu3Tokenizer.from_pretrained(model_dir)
-    model = Emu3ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    model = Emu3ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).fuse_projections()
     model.set_train(False)
     vision_tokenizer = Emu3VisionVQModel.from_pretrained(vq_dir)
     vision_tokenizer.set_train(False)

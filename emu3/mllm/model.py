@@ -21,10 +21,6 @@ from emu3.generation import cache as kv_cache
 from emu3.mllm import layouts
 from emu3.mllm.config import Emu3Config
 
-# Additive mask value for disallowed attention; the same as transformers' (finfo(float32).min).
-_MASKED = float(np.finfo(np.float32).min)
-
-
 # Random initialisation materialises every weight (minutes and 34 GB for Emu3-8B); from_pretrained
 # turns it off so weights stay unallocated (lazy zeros) until the checkpoint's tensors replace them.
 _RANDOM_INIT = True
@@ -89,39 +85,60 @@ class Emu3RotaryEmbedding(nn.Cell):
         self.inv_freq = inv_freq / config.rope_factor
 
     def construct(self, position_ids, dtype):
-        """(B, L, D) cos and signed sin."""
-        freqs = position_ids.astype(ms.float32)[:, :, None] * self.inv_freq
+        """(B, 1, L, D) cos and signed sin: shaped once per forward to broadcast over the heads."""
+        b, length = position_ids.shape
+        freqs = position_ids.astype(ms.float32).reshape(b, 1, length, 1) * self.inv_freq
         cos, sin = ops.cos(freqs), ops.sin(freqs)
         return ops.concat((cos, cos), -1).astype(dtype), ops.concat((-sin, sin), -1).astype(dtype)
 
 
-def _split_heads(x, heads, head_dim):
-    """(B, L, heads * D) -> (B, heads, L, D). For one token (a decode step) that is a reshape: no
-    transpose kernel, four fewer per layer and token."""
-    b, length, _ = x.shape
+def _split_heads(x, batch, heads, head_dim):
+    """(B * L, heads * D) -> (B, heads, L, D). For one token (a decode step) that is a reshape: no
+    transpose kernel."""
+    length = x.shape[0] // batch
     if length == 1:
-        return x.reshape(b, heads, 1, head_dim)
-    return ops.swapaxes(x.reshape(b, length, heads, head_dim), 1, 2)
+        return x.reshape(batch, heads, 1, head_dim)
+    return ops.swapaxes(x.reshape(batch, length, heads, head_dim), 1, 2)
 
 
 def _merge_heads(x):
-    """(B, heads, L, D) -> (B, L, heads * D), the inverse of _split_heads."""
+    """(B, heads, L, D) -> (B * L, heads * D), the inverse of _split_heads."""
     b, heads, length, head_dim = x.shape
     if length == 1:
-        return x.reshape(b, 1, heads * head_dim)
-    return ops.swapaxes(x, 1, 2).reshape(b, length, heads * head_dim)
+        return x.reshape(b, heads * head_dim)
+    return ops.swapaxes(x, 1, 2).reshape(b * length, heads * head_dim)
+
+
+def _heads(x, start, count):
+    """Heads [start, start + count) of (B, heads, L, D) `x`. A Slice kernel: on MindSpore's CPU
+    runtime the StridedSlice of x[:, start:start + count] costs several times more per call."""
+    b, _, length, head_dim = x.shape
+    return ops.slice(x, (0, start, 0, 0), (b, count, length, head_dim))
 
 
 def swap_halves_index(head_dim):
     return Tensor(np.roll(np.arange(head_dim), head_dim // 2), ms.int32)
 
 
-def apply_rotary_pos_emb(q, k, cos, signed_sin, swap_halves):
-    """Rotate (B, heads, L, D) q and k by Emu3RotaryEmbedding's (B, L, D) cos and signed sin;
+def _rotate(x, cos, signed_sin, swap_halves):
+    """Apply RoPE to (B, heads, L, D) `x` with Emu3RotaryEmbedding's (B, 1, L, D) tables;
     `swap_halves` is swap_halves_index(D)."""
-    cos, signed_sin = cos[:, None], signed_sin[:, None]
-    return (q * cos + ops.gather(q, swap_halves, 3) * signed_sin,
-            k * cos + ops.gather(k, swap_halves, 3) * signed_sin)
+    return x * cos + ops.gather(x, swap_halves, 3) * signed_sin
+
+
+def _fuse(cell, fused: str) -> None:
+    """Replace the projections of `cell` that layouts.FUSED[fused] lists by one bias-free nn.Dense
+    `cell.<fused>` computing their outputs side by side (weights stacked by output rows): one matmul
+    instead of several. Its weight is named like the first part's, with `fused` for the part's name
+    (parameter names stay unique in the model)."""
+    names = layouts.FUSED[fused]
+    parts = [getattr(cell, name) for name in names]
+    weight = ops.concat([part.weight for part in parts], 0)
+    layer = nn.Dense(weight.shape[1], weight.shape[0], has_bias=False, weight_init=weight, dtype=weight.dtype)
+    layer.weight.name = parts[0].weight.name.replace(f".{names[0]}.", f".{fused}.")
+    setattr(cell, fused, layer)
+    for name in names:
+        setattr(cell, name, None)
 
 
 class Emu3Attention(nn.Cell):
@@ -136,23 +153,39 @@ class Emu3Attention(nn.Cell):
         self.k_proj = _linear(config.hidden_size, self.num_kv_heads * self.head_dim, config, dtype)
         self.v_proj = _linear(config.hidden_size, self.num_kv_heads * self.head_dim, config, dtype)
         self.o_proj = _linear(self.num_heads * self.head_dim, config.hidden_size, config, dtype)
+        self.qkv_proj = None  # fuse_projections() replaces q/k/v_proj by it
         self.swap_halves = swap_halves_index(self.head_dim)
 
+    def fuse_projections(self):
+        """Replace q_proj, k_proj and v_proj by one qkv_proj (an inference speed-up, same results)."""
+        if self.qkv_proj is None:
+            _fuse(self, "qkv_proj")
+
     def core_attention(self, q, k, v, mask):
-        """Softmax attention on (B, heads, L, D) q and (B, kv_heads, S, D) k/v; mask additive (B, 1, L, S).
+        """Softmax attention on (B, heads, L, D) q and (B, kv_heads, S, D) k/v; `mask` is
+        emu3.backend.attention's boolean map, True where attention is not allowed.
 
         One method so that sequence parallelism can wrap exactly this part.
         """
         dropout = self.attention_dropout if self.training else 0.0
         return backend.attention(q, k, v, mask, self.attn_implementation, dropout)
 
+    def _rotated_qkv(self, hidden_states, cos, sin):
+        b, heads, kv_heads, d = cos.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q = _split_heads(self.q_proj(hidden_states), b, heads, d)
+            k = _split_heads(self.k_proj(hidden_states), b, kv_heads, d)
+            v = _split_heads(self.v_proj(hidden_states), b, kv_heads, d)
+            return _rotate(q, cos, sin, self.swap_halves), _rotate(k, cos, sin, self.swap_halves), v
+        # q and k are rotated together: one gather, two products and a sum for both.
+        qkv = _split_heads(self.qkv_proj(hidden_states), b, heads + 2 * kv_heads, d)
+        qk = _rotate(_heads(qkv, 0, heads + kv_heads), cos, sin, self.swap_halves)
+        return _heads(qk, 0, heads), _heads(qk, heads, kv_heads), _heads(qkv, heads + kv_heads, kv_heads)
+
     def construct(self, hidden_states, cos, sin, mask, cache=None, layer=0, cache_position=None, window=None):
-        """With a KVCache, writes this step's k/v into its `layer` at cache_position and attends
-        over the cache's first `window` slots."""
-        q = _split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
-        k = _split_heads(self.k_proj(hidden_states), self.num_kv_heads, self.head_dim)
-        v = _split_heads(self.v_proj(hidden_states), self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, self.swap_halves)
+        """(B * L, hidden) tokens in and out; cos/sin (B, 1, L, D). With a KVCache, writes this step's
+        k/v into its `layer` at cache_position and attends over the cache's first `window` slots."""
+        q, k, v = self._rotated_qkv(hidden_states, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, cache_position, window)
         return self.o_proj(_merge_heads(self.core_attention(q, k, v, mask)))
@@ -161,12 +194,23 @@ class Emu3Attention(nn.Cell):
 class Emu3MLP(nn.Cell):
     def __init__(self, config, dtype):
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         self.gate_proj = _linear(config.hidden_size, config.intermediate_size, config, dtype)
         self.up_proj = _linear(config.hidden_size, config.intermediate_size, config, dtype)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size, config, dtype)
+        self.gate_up_proj = None  # fuse_projections() replaces gate/up_proj by it
+
+    def fuse_projections(self):
+        """Replace gate_proj and up_proj by one gate_up_proj (an inference speed-up, same results)."""
+        if self.gate_up_proj is None:
+            _fuse(self, "gate_up_proj")
 
     def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = ops.split(self.gate_up_proj(x), self.intermediate_size, -1)
+        return self.down_proj(ops.silu(gate) * up)
 
 
 class Emu3Dropout(nn.Cell):
@@ -210,11 +254,14 @@ class Emu3Model(nn.Cell):
         self.dtype = dtype
 
     def construct(self, input_ids, position_ids, mask, cache=None, cache_position=None, window=None):
-        hidden_states = self.embed_tokens(input_ids)
+        """(B, L, hidden) final hidden states. The layers work on the (B * L, hidden) tokens: 2-D
+        inputs save nn.Dense two reshapes per projection."""
+        b, length = input_ids.shape
+        hidden_states = self.embed_tokens(input_ids.reshape(b * length))
         cos, sin = self.rotary_emb(position_ids, self.dtype)
         for i, layer in enumerate(self.layers):
             hidden_states = layer(hidden_states, cos, sin, mask, cache, i, cache_position, window)
-        return self.norm(hidden_states)
+        return self.norm(hidden_states).reshape(b, length, -1)
 
 
 def _default_position_ids(attention_mask):
@@ -223,25 +270,31 @@ def _default_position_ids(attention_mask):
     return ops.where(attention_mask == 0, ops.ones_like(positions), positions)
 
 
-def _additive(allowed):
-    return (1.0 - allowed.astype(ms.float32)) * _MASKED
-
-
-def _full_mask(attention_mask, length):
-    """Additive (B, 1, L, L) mask: causal, and no attention to padded keys."""
-    idx = ops.arange(length, dtype=ms.int32)
-    allowed = (idx[None, :] <= idx[:, None])[None, None]
-    if attention_mask is not None:
-        allowed = ops.logical_and(allowed, (attention_mask != 0)[:, None, None, :])
-    return _additive(allowed)
+# The attention masks below are emu3.backend.attention's boolean map (True: not allowed), built
+# once per forward for every layer. A query always attends its own slot, even a padding one: a
+# left-padded row's pad queries would otherwise see nothing, which the fused Ascend kernels may
+# turn into non-finite outputs, hence non-finite keys and values in the next layers' cache. Real
+# tokens never see a padding slot either way, so their results do not change.
 
 
 def _cached_mask(attention_mask, cache_position):
-    """Additive (B, 1, L, S) mask over cache slots: slot <= the query's slot and holding a real token."""
-    slots = ops.arange(attention_mask.shape[1], dtype=ms.int32)
-    allowed = ops.logical_and((slots[None, :] <= cache_position[:, None])[None, None],
-                              (attention_mask != 0)[:, None, None, :])
-    return _additive(allowed)
+    """(B, 1, L, S) over cache slots: a query at slot q sees slot s if s == q, or s < q and s holds
+    a real token (attention_mask (B, S) is 1 there)."""
+    b, slots = attention_mask.shape
+    length = cache_position.shape[0]
+    slot = ops.arange(slots, dtype=ms.int32).reshape(1, slots)
+    query = cache_position.reshape(length, 1)
+    masked = ops.logical_or(slot > query, (attention_mask == 0).reshape(b, 1, 1, slots))
+    return ops.logical_and(masked, slot != query)
+
+
+def _full_mask(attention_mask, length):
+    """The mask of a whole sequence at positions 0..L-1: causal, no padded keys. (L, L) without an
+    attention_mask, else (B, 1, L, L)."""
+    position = ops.arange(length, dtype=ms.int32)
+    if attention_mask is None:
+        return position.reshape(1, length) > position.reshape(length, 1)
+    return _cached_mask(attention_mask, position)
 
 
 def _check_shape(name, tensor, shape):
@@ -289,6 +342,20 @@ class Emu3ForCausalLM(nn.Cell):
         shift_labels = labels[:, 1:].reshape(-1).astype(ms.int32)
         return ops.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="mean")
 
+    def fuse_projections(self) -> "Emu3ForCausalLM":
+        """For inference: one matmul for q/k/v and one for gate/up in every layer instead of five
+        (their weights stacked by rows; the same results, fewer kernels per decode step).
+
+        Checkpoints keep BAAI's layout: save_pretrained splits the stacked weights again. Training,
+        ZeRO-3 and sequence parallelism use the model as loaded, with the split weights. In GRAPH
+        mode fuse before the first call: a compiled graph keeps the cells it was compiled with.
+        Returns the model.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
+
     def enable_recompute(self):
         """Gradient checkpointing: keep only each decoder layer's input, recompute the rest in backward.
 
@@ -326,7 +393,9 @@ class Emu3ForCausalLM(nn.Cell):
             raise ValueError(f"the cache was made for batch size {cache.batch_size}, input_ids has {batch} rows")
         if window is not None and not 0 < window <= cache.max_length:
             raise ValueError(f"window must be in [1, {cache.max_length}] (the cache's length), got {window}")
-        mask = _cached_mask(attention_mask if window is None else attention_mask[:, :window], cache_position)
+        if window is not None:
+            attention_mask = ops.slice(attention_mask, (0, 0), (batch, window))
+        mask = _cached_mask(attention_mask, cache_position)
         hidden_states = self.model(input_ids, position_ids, mask, cache, cache_position, window)
         return self.lm_head(hidden_states[:, -1]).astype(ms.float32)
 
@@ -341,6 +410,8 @@ class Emu3ForCausalLM(nn.Cell):
         return model
 
     def save_pretrained(self, directory, max_shard_bytes: int | None = None) -> None:
-        """Write BAAI's original layout: config.json and model.safetensors (or shards + index)."""
-        tensors = {name: weights.to_numpy(p) for name, p in self.parameters_and_names()}
+        """Write BAAI's original layout: config.json and model.safetensors (or shards + index),
+        with fused projections split back into BAAI's tensors."""
+        tensors = layouts.split_fused({name: weights.to_numpy(p) for name, p in self.parameters_and_names()},
+                                      self.config)
         weights.write_checkpoint(tensors, directory, self.config.to_dict(), max_shard_bytes)

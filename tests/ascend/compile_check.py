@@ -3,10 +3,10 @@
 MindSpore compiles a GRAPH-mode cell in two stages: type and shape inference over the whole graph,
 then kernel selection for the device. With the Ascend switch of `emu3.backend` forced on, an
 Ascend-only branch compiled on the CPU must therefore get through inference and fail only at
-kernel selection, with "Unsupported op [X] on CPU" (no CPU kernel at all) or "Select CPU
-operator[X] fail! Unsupported data type!" (no CPU kernel for that dtype, e.g. bf16). Any other
-error (a wrong dtype, a missing argument, a shape that does not fit) would fail the same way on an
-NPU: it is a real bug.
+kernel selection, with "Unsupported op [X] on CPU", or, for an op the CPU has but not in that
+dtype (bf16), "Kernel select failed: ... Select CPU operator[X] fail! Unsupported data type". Any
+other error (a wrong dtype, a missing argument, a shape that does not fit) would fail the same way
+on an NPU: it is a real bug.
 """
 
 import contextlib
@@ -14,7 +14,8 @@ import re
 
 from emu3 import backend
 
-_UNSUPPORTED = re.compile(r"Unsupported op \[(\w+)\] on CPU|Select CPU operator\[(\w+)\] fail! Unsupported data type")
+_UNSUPPORTED = re.compile(r"Unsupported op \[(\w+)\] on CPU"
+                          r"|Kernel select failed:[\s\S]*?Select CPU operator\[(\w+)\] fail! Unsupported data type")
 
 
 @contextlib.contextmanager

@@ -246,3 +246,23 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_step(models, mo
     with pytest.raises(ValueError, match=r"negative_input_ids holds ids outside the vocabulary"):
         generate(model, np.array([[5, 6, 7]]), config=GenerationConfig(guidance_scale=3.0),
                  negative_input_ids=negative, progress=False)
+
+
+def test_fused_projections_keep_cfg_image_tokens_identical_to_transformers(models, torch_reference, rng):
+    """The inference commands' model (fuse_projections) in GRAPH mode, left-padded CFG batch."""
+    from emu3.mllm.model import Emu3ForCausalLM
+
+    reference, model = models
+    config = model.config
+    weights_of = dict(model.parameters_and_names())
+    fused = Emu3ForCausalLM(config)
+    for name, param in fused.parameters_and_names():
+        param.set_data(weights_of[name])
+    fused.fuse_projections().set_train(False)
+    ids, mask = image_prompts(config, rng, [2, 5])
+    negative, _ = image_prompts(config, rng, [3, 3])
+    expected = reference_generate(torch_reference, reference, ids, mask, 24, config.eos_token_id, negative,
+                                  (HEIGHT, WIDTH))
+    got = generate(fused, ids, mask, GenerationConfig(max_new_tokens=24, guidance_scale=3.0, mode="graph"),
+                   negative_input_ids=negative, image_size=(HEIGHT, WIDTH), progress=False)
+    np.testing.assert_array_equal(got, expected)

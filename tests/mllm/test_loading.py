@@ -50,6 +50,21 @@ def test_single_file_round_trip_and_fp16_load(tmp_path):
     assert np.abs(logits16.asnumpy() - logits32.asnumpy()).max() < 2e-2
 
 
+def test_a_fused_model_saves_baai_layout_and_loads_back(tmp_path):
+    model = tiny_model()
+    split = _params(model)
+    model.fuse_projections()
+    names = set(_params(model))
+    assert "model.layers.1.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert not any(".q_proj." in n or ".up_proj." in n for n in names)
+    model.save_pretrained(tmp_path, max_shard_bytes=60_000)
+    index = json.loads((tmp_path / weights.INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(split)  # BAAI's names only
+    loaded = Emu3ForCausalLM.from_pretrained(tmp_path)
+    for name, value in _params(loaded).items():
+        np.testing.assert_array_equal(value, split[name], err_msg=name)
+
+
 def _write_hf_checkpoint(model, directory, old_names):
     """The model as transformers' Emu3ForConditionalGeneration files: nested config, vq tensors."""
     c = model.config.to_dict()

@@ -6,7 +6,7 @@ import pytest
 from mindspore import nn
 
 from emu3 import backend
-from emu3.mllm import Emu3ForCausalLM
+from emu3.mllm import Emu3ForCausalLM, model as model_module
 from tests.mllm.tiny import generate_position_ids, left_padded_batch, tiny_config, tiny_model, torch_twin
 
 TOL = 1e-4
@@ -119,6 +119,46 @@ def test_forward_cached_prefill_and_decode_match_reference(torch_reference, rng)
         assert np.abs(got - want).max() < TOL
 
 
+def test_fused_projections_match_the_split_model_and_reference(torch_reference, rng):
+    model = tiny_model()
+    ref = torch_twin(model, torch_reference)
+    ids, mask = left_padded_batch(rng, [7, 4], 512, 7)
+    new_tokens = rng.integers(3, 512, (2, 5))
+    split = model(_t(ids), _t(mask)).asnumpy()
+    model.fuse_projections()
+    real = mask.astype(bool)
+    assert np.abs(model(_t(ids), _t(mask)).asnumpy()[real] - split[real]).max() < 1e-6
+    expected = _reference_cached(torch_reference, ref, ids, mask, new_tokens)
+    for got, want in zip(_ours_cached(_eager_step(model, 16), ids, mask, new_tokens, 16), expected):
+        assert np.abs(got - want).max() < TOL
+
+
+def _empty_rows_give_nan(masked):
+    """Softmax over a row whose every key is masked with -inf, as a fused kernel without a finite fill
+    value computes it: NaN. Each query row of `masked` (True = not allowed) must allow one key."""
+    scores = np.where(masked, -np.inf, 0.0)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.isnan(probs / probs.sum(-1, keepdims=True)).any()
+
+
+def test_padding_queries_attend_their_own_slot_so_the_cache_stays_finite(rng):
+    model = tiny_model()
+    ids, mask = left_padded_batch(rng, [7, 2], 512, 7)  # row 1: five pad queries
+    slot_mask = np.zeros((2, 16), np.int32)
+    slot_mask[:, :7] = mask
+    prefill = model_module._cached_mask(_t(slot_mask), _t(np.arange(7))).asnumpy()
+    full = model_module._full_mask(_t(mask), 7).asnumpy()
+    assert not _empty_rows_give_nan(prefill) and not _empty_rows_give_nan(full)
+    # Real queries still see exactly the real slots up to their own.
+    real = mask.astype(bool)
+    causal = np.tril(np.ones((7, 7), bool))
+    np.testing.assert_array_equal(~full[:, 0][real], (causal[None] & real[:, None, :])[real])
+    np.testing.assert_array_equal(~prefill[:, 0, :, :7][real], (causal[None] & real[:, None, :])[real])
+    cache = model.init_cache(2, 16)
+    model.forward_cached(_t(ids), _t(generate_position_ids(mask)), _t(np.arange(7)), _t(slot_mask), cache)
+    assert all(np.isfinite(state.asnumpy()).all() for state in cache.states)
+
+
 class _DecodeStep(nn.Cell):
     def __init__(self, model, cache):
         super().__init__()
@@ -129,8 +169,11 @@ class _DecodeStep(nn.Cell):
         return self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, self.cache, window)
 
 
-def test_graph_forward_cached_equals_pynative_without_recompiling(rng):
+@pytest.mark.parametrize("fused", [False, True])
+def test_graph_forward_cached_equals_pynative_without_recompiling(rng, fused):
     model = tiny_model()
+    if fused:
+        model.fuse_projections()
     ids, mask = left_padded_batch(rng, [6, 3], 512, 6)
     new_tokens = rng.integers(3, 512, (2, 6))
     windows = [8, 8, 8, 16, 16, 16, 16]
