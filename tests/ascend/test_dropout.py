@@ -24,7 +24,7 @@ class _AttentionStep(nn.Cell):
 
 
 def _causal(length):
-    return ms.Tensor(np.triu(np.full((1, 1, length, length), -1e9, np.float32), 1))
+    return ms.Tensor(np.triu(np.ones((1, 1, length, length), np.bool_), 1))  # True: may not attend
 
 
 # (heads, kv heads, length): GQA; 3 x 8 x 8 keep bits are not a multiple of the mask generator's 128
