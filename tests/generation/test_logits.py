@@ -174,7 +174,8 @@ class _Pipeline(nn.Cell):
 
 def test_pipeline_graph_equals_pynative(run_mode, rng):
     b = 4
-    args = (ms.Tensor(rng.normal(size=(2 * b, 32768)).astype(np.float32)), ms.Tensor(sampling.draw_uniforms(0, 1, b)[0]))
+    args = (ms.Tensor(rng.normal(size=(2 * b, 32768)).astype(np.float32)),
+            ms.Tensor(sampling.draw_uniforms(0, 1, b)[0]))
     sampled, best = (t.asnumpy() for t in _Pipeline()(*args))
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ref_sampled, ref_best = (t.asnumpy() for t in _Pipeline()(*args))
