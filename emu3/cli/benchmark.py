@@ -474,9 +474,10 @@ class Bench:
         return one
 
     def _generation_row(self, prompt, config, reference_kwargs):
-        """Median seconds of ours and the reference's greedy generate (taking turns, after a warm-up
-        call each) and their last outputs."""
+        """Ours and the reference's greedy generate, timed taking turns (median after a warm-up call
+        each): (header, row, speed-up, identical tokens); the last two are None without the reference."""
         from emu3.generation import generate
+        a = self.args
         outputs = {}
 
         def ours():
@@ -492,34 +493,36 @@ class Bench:
                                                                         **reference_kwargs).numpy()
 
             fns["reference"] = theirs
-        return _median_seconds(fns, self.args.repeats), outputs
+        medians = _median_seconds(fns, a.repeats)
+        new = outputs["ours"].shape[1] - prompt.shape[1]
+        header = ["model", "precision", "batch", "prompt tokens", "new tokens", "tokens/s (incl. prefill)"]
+        row = [self.llm_name, a.dtype, 1, prompt.shape[1], new, f"{new / medians['ours']:.2f}"]
+        if self.torch is None:
+            return header, row, None, None
+        ref_new = outputs["reference"].shape[1] - prompt.shape[1]
+        speedup = (medians["reference"] / ref_new) / (medians["ours"] / new)
+        header += ["reference tokens/s", "speed-up"]
+        row += [f"{ref_new / medians['reference']:.2f}", f"{speedup:.2f}x"]
+        return header, row, speedup, np.array_equal(outputs["ours"], outputs["reference"])
 
     def text_table(self):
         """Greedy generation end to end, prompt and new tokens as in issue 10, tokens compared."""
         from emu3.generation import GenerationConfig
-        a = self.args
         c = self.llm().config
         rng = np.random.default_rng(4)
         prompt = np.array([[c.bos_token_id, *rng.integers(0, 151643, TEXT_PROMPT_TOKENS - 1)]], np.int64)
-        medians, outputs = self._generation_row(
+        header, row, speedup, same = self._generation_row(
             prompt, GenerationConfig(max_new_tokens=TEXT_NEW_TOKENS),
             dict(max_new_tokens=TEXT_NEW_TOKENS, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id))
-        new = outputs["ours"].shape[1] - prompt.shape[1]
-        seconds = medians["ours"]
-        header = ["model", "precision", "batch", "prompt tokens", "new tokens", "tokens/s (incl. prefill)"]
-        row = [self.llm_name, a.dtype, 1, prompt.shape[1], new, f"{new / seconds:.2f}"]
-        if self.torch is not None:
-            ref_new = outputs["reference"].shape[1] - prompt.shape[1]
-            same = np.array_equal(outputs["ours"], outputs["reference"])
-            header += ["reference tokens/s", "speed-up", "tokens identical"]
-            row += [f"{ref_new / medians['reference']:.2f}",
-                    _ratio(medians["reference"] / ref_new, seconds / new), "yes" if same else "no"]
+        if speedup is not None:
+            header.append("tokens identical")
+            row.append("yes" if same else "no")
             self.targets += [
                 ("10", f"greedy generation end to end (prompt {TEXT_PROMPT_TOKENS}, {TEXT_NEW_TOKENS} new tokens) "
-                 "vs reference >= 1.0", (medians["reference"] / ref_new) / (seconds / new), 1.0),
+                 "vs reference >= 1.0", speedup, 1.0),
                 ("10", "greedy text tokens identical to transformers", float(same), 1.0)]
         return _table("Greedy text generation (end to end, prefill included)", header, [row]) + \
-            f"\nmedian of {a.repeats} runs each, ours and the reference's taking turns\n"
+            f"\nmedian of {self.args.repeats} runs each, ours and the reference's taking turns\n"
 
     def vqa_table(self):
         from emu3.generation import GenerationConfig
@@ -534,18 +537,10 @@ class Bench:
         prompt = np.array([[c.bos_token_id, *rng.integers(0, 151643, 12), *image, *rng.integers(0, 151643, 16)]],
                           np.int64)
         # Every answer is answer_tokens long (random weights may say eos at any point).
-        medians, outputs = self._generation_row(
+        header, row, speedup, _ = self._generation_row(
             prompt, GenerationConfig(max_new_tokens=a.answer_tokens, eos_token_id=-1),
             dict(max_new_tokens=a.answer_tokens, min_new_tokens=a.answer_tokens, pad_token_id=c.pad_token_id))
-        new = outputs["ours"].shape[1] - prompt.shape[1]
-        seconds = medians["ours"]
-        header = ["model", "precision", "batch", "prompt tokens", "steps", "tokens/s (incl. prefill)"]
-        row = [self.llm_name, a.dtype, 1, prompt.shape[1], new, f"{new / seconds:.2f}"]
-        if self.torch is not None:
-            ref_new = outputs["reference"].shape[1] - prompt.shape[1]
-            speedup = (medians["reference"] / ref_new) / (seconds / new)
-            header += ["reference tokens/s", "speed-up"]
-            row += [f"{ref_new / medians['reference']:.2f}", f"{speedup:.2f}x"]
+        if speedup is not None:
             self.targets.append(("10", "VQA with its prefill vs reference >= 1.0", speedup, 1.0))
         return _table(f"VQA (greedy answer after a {h}x{w}-token image and a question)", header, [row]) + \
             f"\nmedian of {a.repeats} runs each, ours and the reference's taking turns\n"
