@@ -200,3 +200,17 @@ def test_accumulated_micro_batches_equal_one_batch(rng):
     for (name, a), b in zip(whole.parameters_and_names(), split.get_parameters()):
         np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name)
     assert all(not b.asnumpy().any() for b in accumulated.buffers)
+
+
+def test_train_step_skips_a_non_finite_update(run_mode, rng):
+    """The overflow branch inside the graph: infinite gradients (a zero denominator) leave the
+    weights, the optimizer state and its step count untouched."""
+    model = tiny_model(seed=3)
+    _, step, _ = _our_step(model)
+    before = [p.asnumpy().copy() for p in model.get_parameters()]
+    ids, pos, labels = _batch(rng, 1, 8, 512)
+    _, norm, overflow = step(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(labels), ms.Tensor(0.0, ms.float32),
+                             ms.Tensor(1.0, ms.float32), ms.Tensor(1e-2, ms.float32))
+    assert bool(overflow.asnumpy()) and not np.isfinite(float(norm.asnumpy()))
+    assert all(np.array_equal(b, p.asnumpy()) for b, p in zip(before, model.get_parameters()))
+    assert int(step.optimizer.step.asnumpy()) == 0 and not any(m.asnumpy().any() for m in step.optimizer.m)
