@@ -83,20 +83,25 @@ def _size(text: str):
     return h, w
 
 
-def _median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict:
+def _median_seconds(fns: dict, repeats: int, warmup: int = 1, cpu: dict | None = None) -> dict:
     """Median wall time of each of `fns` (name: callable that synchronises), after `warmup`
     untimed calls each for compilation and allocations. The callables take turns, so that ours and
     the reference see the same load when other processes share the machine; the median ignores
-    the outliers."""
+    the outliers. `cpu`, if given, receives the median CPU time of this process during each call
+    (every thread's), which moves less than wall time when other jobs share the cores."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - start_cpu)
+    if cpu is not None:
+        cpu.update({name: float(np.median(t)) for name, t in cpu_times.items()})
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -343,8 +348,8 @@ class Bench:
         kinds = [("text", False, False), ("image", False, True), ("image + CFG", True, True)]
         header = ["position", "decode", "ms/token", "tokens/s", "kernels per step"]
         if self.torch is not None:
-            header += ["reference ms/token", "speed-up"]
-        rows, medians, kernels = [], {}, {}
+            header += ["reference ms/token", "speed-up", "CPU-time speed-up"]
+        rows, medians, cpu, kernels = [], {}, {}, {}
         for kind, guided, constrained in kinds:
             steps = {}
             for position in positions:
@@ -352,14 +357,15 @@ class Bench:
                                                                                        constrained)
                 if self.torch is not None:
                     steps[kind, position, "ref"] = self._reference_decode_step(position, guided, constrained)
-            medians.update(_median_seconds(steps, a.decode_steps, warmup=2))
+            medians.update(_median_seconds(steps, a.decode_steps, warmup=2, cpu=cpu))
             for position in positions:
                 seconds = medians[kind, position]
                 count = kernels[kind, position]
                 row = [position, kind, f"{seconds * 1e3:.1f}", f"{1 / seconds:.2f}", "n/a" if count is None else count]
                 if self.torch is not None:
                     ref = medians[kind, position, "ref"]
-                    row += [f"{ref * 1e3:.1f}", _ratio(ref, seconds)]
+                    row += [f"{ref * 1e3:.1f}", _ratio(ref, seconds), _ratio(cpu[kind, position, "ref"],
+                                                                              cpu[kind, position])]
                 rows.append(row)
             del steps
             gc.collect()
@@ -387,7 +393,8 @@ class Bench:
                 f"token is due (lm_head over the 32,768 visual rows); the reference's step is its forward with a "
                 f"DynamicCache of p entries plus, for CFG, the second forward of transformers' "
                 f"UnbatchedClassifierFreeGuidanceLogitsProcessor, its PrefixConstrainedLogitsProcessor and argmax. "
-                f"Kernels per step: the kernel actors of our compiled step graph (count_kernels).")
+                f"Kernels per step: the kernel actors of our compiled step graph (count_kernels). CPU-time "
+                f"speed-up: the same ratio of the CPU time this process spent per step (all threads).")
         return _table("Decode cost per token", header, rows) + f"\n{note}\n"
 
     def _our_decode_step(self, position, max_length, guided, constrained):
@@ -493,7 +500,8 @@ class Bench:
                                                                         **reference_kwargs).numpy()
 
             fns["reference"] = theirs
-        medians = _median_seconds(fns, a.repeats)
+        cpu = {}
+        medians = _median_seconds(fns, a.repeats, cpu=cpu)
         new = outputs["ours"].shape[1] - prompt.shape[1]
         header = ["model", "precision", "batch", "prompt tokens", "new tokens", "tokens/s (incl. prefill)"]
         row = [self.llm_name, a.dtype, 1, prompt.shape[1], new, f"{new / medians['ours']:.2f}"]
@@ -501,8 +509,9 @@ class Bench:
             return header, row, None, None
         ref_new = outputs["reference"].shape[1] - prompt.shape[1]
         speedup = (medians["reference"] / ref_new) / (medians["ours"] / new)
-        header += ["reference tokens/s", "speed-up"]
-        row += [f"{ref_new / medians['reference']:.2f}", f"{speedup:.2f}x"]
+        header += ["reference tokens/s", "speed-up", "CPU-time speed-up"]
+        row += [f"{ref_new / medians['reference']:.2f}", f"{speedup:.2f}x",
+                f"{(cpu['reference'] / ref_new) / (cpu['ours'] / new):.2f}x"]
         return header, row, speedup, np.array_equal(outputs["ours"], outputs["reference"])
 
     def text_table(self):
@@ -522,7 +531,7 @@ class Bench:
                  "vs reference >= 1.0", speedup, 1.0),
                 ("10", "greedy text tokens identical to transformers", float(same), 1.0)]
         return _table("Greedy text generation (end to end, prefill included)", header, [row]) + \
-            f"\nmedian of {self.args.repeats} runs each, ours and the reference's taking turns\n"
+            _turns_note(self.args.repeats)
 
     def vqa_table(self):
         from emu3.generation import GenerationConfig
@@ -543,7 +552,7 @@ class Bench:
         if speedup is not None:
             self.targets.append(("10", "VQA with its prefill vs reference >= 1.0", speedup, 1.0))
         return _table(f"VQA (greedy answer after a {h}x{w}-token image and a question)", header, [row]) + \
-            f"\nmedian of {a.repeats} runs each, ours and the reference's taking turns\n"
+            _turns_note(a.repeats)
 
     def sft_table(self):
         a = self.args
@@ -557,8 +566,9 @@ class Bench:
         if reference is not None:
             fns["reference"] = self._reference_sft_step(reference, ids, labels)
         model.set_train(True)
+        cpu = {}
         try:
-            medians = _median_seconds(fns, a.repeats)
+            medians = _median_seconds(fns, a.repeats, cpu=cpu)
         finally:
             model.set_train(False)
             if reference is not None:
@@ -569,8 +579,9 @@ class Bench:
         header = ["mode", "model", "precision", "batch", "tokens", "s/step", "samples/s"]
         row = [a.mode, _model_name(name), a.dtype, 1, a.sft_seq_len, f"{seconds:.3f}", f"{1 / seconds:.3f}"]
         if reference is not None:
-            header += ["reference s/step", "speed-up"]
-            row += [f"{medians['reference']:.3f}", _ratio(medians["reference"], seconds)]
+            header += ["reference s/step", "speed-up", "CPU-time speed-up"]
+            row += [f"{medians['reference']:.3f}", _ratio(medians["reference"], seconds),
+                    _ratio(cpu["reference"], cpu["ours"])]
             self.targets.append(("10", f"SFT step, {name} config, vs reference >= 0.8", medians["reference"] / seconds,
                                  0.8))
         note = (f"one step = forward, backward, global gradient norm, clipping to 1.0 and AdamW (lr 1e-5, weight "
@@ -645,6 +656,11 @@ class Bench:
         print("".join(f"- {note}\n" for note in self.notes))
         output.write_text("\n".join(parts))
         print(f"written to {output}")
+
+
+def _turns_note(repeats):
+    return (f"\nmedian of {repeats} runs each, ours and the reference's taking turns; CPU-time speed-up: the same "
+            f"ratio of the CPU time this process spent (all threads)\n")
 
 
 def _model_name(config):
