@@ -32,7 +32,7 @@ from emu3.weights import atomic_open
 from train import checkpoint
 from train.dataset import DataLoader, SFTDataset, check_data, shift_labels
 from train.parallel import enable_sequence_parallel, init_parallel
-from train.trainer import AdamW, GradientCheck, LossAndGrads, LossScaler, cosine_lr
+from train.trainer import AccumulateGrads, AdamW, GradientCheck, LossAndGrads, LossScaler, TrainStep, cosine_lr
 from train.zero import enable_zero3
 
 logger = logging.getLogger("train.sft")
@@ -203,8 +203,11 @@ class Run:
         self.master = [ms.Parameter(p.astype(ms.float32), name=p.name) for p in self.params] if low else self.params
         self.optimizer = AdamW(self.master, self.full_shapes, (args.adam_beta1, args.adam_beta2),
                                args.adam_eps, args.weight_decay)
-        self.loss_and_grads = LossAndGrads(self.model, self.params)
-        self.check = GradientCheck(self.ps, self.sharded, scaled=args.dtype == "fp16", low_precision=low)
+        loss_and_grads = LossAndGrads(self.model, self.params)
+        self.accumulate = AccumulateGrads(loss_and_grads) if args.grad_accum > 1 else None
+        self.update = TrainStep(loss_and_grads, GradientCheck(self.ps, self.sharded, scaled=args.dtype == "fp16",
+                                                              low_precision=low),
+                                self.optimizer, args.max_grad_norm, self.accumulate)
         self.scaler = LossScaler(args.loss_scale if args.dtype == "fp16" else 1.0,
                                  args.loss_scale_window, dynamic=args.dtype == "fp16")
         self.dataset = SFTDataset(args.data_path, _load_tokenizer(args), args.task, args.max_length,
@@ -328,24 +331,15 @@ class Run:
         args = self.args
         lr = cosine_lr(self.step, args.lr, args.min_lr, args.warmup_steps, args.max_steps)
         scale = ms.Tensor(self.scaler.scale, ms.float32)
-        loss, grads = 0.0, None
-        for _ in range(args.grad_accum):
-            ids, pos, labels, denom = self.micro_batch()
-            micro_loss, micro_grads = self.loss_and_grads(ids, pos, labels, denom, scale)
-            loss = loss + micro_loss
-            grads = micro_grads if grads is None else tuple(a + b for a, b in zip(grads, micro_grads))
-        grads, norm, overflow = self.check(grads, scale)
-        overflow = bool(overflow.asnumpy())
+        loss = 0.0
+        for _ in range(args.grad_accum - 1):
+            loss = loss + self.accumulate(*self.micro_batch(), scale)
+        micro_loss, norm, overflow = self.update(*self.micro_batch(), scale, ms.Tensor(lr, ms.float32))
+        loss = loss + micro_loss
         if self.allreduce is not None:
             loss = self.allreduce(loss.reshape(1))[0]
-        norm = float(norm.asnumpy())
-        if not overflow:
-            if 0 < args.max_grad_norm < norm:
-                clip = ms.Tensor(args.max_grad_norm / (norm + 1e-6), ms.float32)
-                grads = tuple(g * clip for g in grads)
-            self.optimizer(grads, ms.Tensor(lr, ms.float32))
-            self.copy_master_to_model()
-        record = {"step": self.step + 1, "loss": float(loss.asnumpy()), "lr": lr, "grad_norm": norm,
+        overflow = bool(overflow.asnumpy())
+        record = {"step": self.step + 1, "loss": float(loss.asnumpy()), "lr": lr, "grad_norm": float(norm.asnumpy()),
                   "loss_scale": self.scaler.scale, "overflow": overflow}
         self.scaler.update(overflow)
         self.step += 1

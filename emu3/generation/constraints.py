@@ -4,20 +4,23 @@ then eof, eoi, eos, then padding.
 What is allowed depends only on the offset of the next token from the prompt's image token
 (`<|image token|>`, the last token of a mode "G" prompt): offset % (w+1) == 0 -> eol;
 (w+1)h+1 -> eof; +2 -> eoi; +3 -> eos; beyond -> pad; otherwise one of the 32768 visual tokens.
+Every class but the visual one allows exactly one token.
 
 `build_prefix_constraint` is that rule as a python `prefix_allowed_tokens_fn(batch_id, input_ids)`
 (transformers' convention; the reference in tests and what the processor hands out).
-`ImagePrefixConstraint` is the same rule on the device for the decode loop: the offset of each row
-selects one of six precomputed additive masks, so a step costs one gather and one add.
+`forced_tokens` is the same rule as a table for the decode loop: the token each row must emit at
+each step, or VISUAL where one of the visual tokens is due. The offsets advance by one per step, so
+the whole schedule is known before decoding starts: the host picks each step's graph from it and
+the device reads its row (emu3.generation.generate).
 """
 
 import numpy as np
-import mindspore as ms
-from mindspore import nn, ops
 
 VISUAL_CODEBOOK_SIZE = 32768
+# In a forced_tokens table: any visual token may come here (no token id is negative).
+VISUAL = -1
 
-# Offset classes, in the order of the rows of ImagePrefixConstraint's mask table.
+# Offset classes.
 _VISUAL, _EOL, _EOF, _EOI, _EOS, _PAD = range(6)
 
 
@@ -38,19 +41,18 @@ def _check_image_size(height: int, width: int) -> None:
         raise ValueError(f"image size must be at least 1x1 tokens, got height={height}, width={width}")
 
 
-def _offset_class(offset: int, height: int, width: int) -> int:
-    end = (width + 1) * height
-    if offset % (width + 1) == 0:
-        return _EOL
-    if offset == end + 1:
-        return _EOF
-    if offset == end + 2:
-        return _EOI
-    if offset == end + 3:
-        return _EOS
-    if offset > end + 3:
-        return _PAD
-    return _VISUAL
+def _offset_classes(offsets, heights, widths) -> np.ndarray:
+    """The class of each offset (numpy arrays that broadcast together)."""
+    offsets, heights, widths = np.broadcast_arrays(offsets, heights, widths)
+    end = (widths + 1) * heights
+    return np.select([offsets % (widths + 1) == 0, offsets == end + 1, offsets == end + 2, offsets == end + 3,
+                      offsets > end + 3], [_EOL, _EOF, _EOI, _EOS, _PAD], _VISUAL)
+
+
+def _class_tokens(config) -> np.ndarray:
+    """The token of each offset class (VISUAL for the visual class)."""
+    return np.array([VISUAL, config.eol_token_id, config.eof_token_id, config.eoi_token_id, config.eos_token_id,
+                     config.pad_token_id], np.int64)
 
 
 def build_prefix_constraint(height: int, width: int, config):
@@ -60,14 +62,8 @@ def build_prefix_constraint(height: int, width: int, config):
     where the image starts. The returned lists are shared: don't modify them.
     """
     _check_image_size(height, width)
-    allowed = {
-        _VISUAL: visual_token_ids(config).tolist(),
-        _EOL: [config.eol_token_id],
-        _EOF: [config.eof_token_id],
-        _EOI: [config.eoi_token_id],
-        _EOS: [config.eos_token_id],
-        _PAD: [config.pad_token_id],
-    }
+    visual = visual_token_ids(config).tolist()
+    allowed = [visual] + [[int(token)] for token in _class_tokens(config)[1:]]
 
     def prefix_allowed_tokens_fn(batch_id, input_ids):
         ids = np.asarray(input_ids)
@@ -77,7 +73,7 @@ def build_prefix_constraint(height: int, width: int, config):
                 f"row {batch_id} has no image token ({config.img_token_id}): the image constraint needs a "
                 f"generation prompt ending in boi, 'H*W', img (the processor's mode 'G')."
             )
-        return allowed[_offset_class(ids.shape[0] - int(where[0]), height, width)]
+        return allowed[int(_offset_classes(ids.shape[0] - int(where[0]), height, width))]
 
     return prefix_allowed_tokens_fn
 
@@ -94,31 +90,10 @@ def image_start_offsets(input_ids: np.ndarray, img_token_id: int) -> np.ndarray:
     return (input_ids.shape[1] - has_img.argmax(-1)).astype(np.int32)
 
 
-class ImagePrefixConstraint(nn.Cell):
-    """The constraint on the device: (B, V) scores + the additive mask of each row's offset class."""
-
-    def __init__(self, config):
-        super().__init__()
-        table = np.full((6, config.vocab_size), -np.inf, dtype=np.float32)
-        table[_VISUAL, visual_token_ids(config)] = 0.0
-        for cls, token in ((_EOL, config.eol_token_id), (_EOF, config.eof_token_id),
-                           (_EOI, config.eoi_token_id), (_EOS, config.eos_token_id),
-                           (_PAD, config.pad_token_id)):
-            table[cls, token] = 0.0
-        self.masks = ms.Tensor(table)
-        self.first_visual = int(visual_token_ids(config)[0])
-
-    def construct(self, scores, offsets, heights, widths):
-        """offsets, heights, widths: (B,) int32; offsets as in `build_prefix_constraint`.
-
-        Returns the masked scores and whether each row's next token is a visual one (every other
-        class allows exactly one token).
-        """
-        end = (widths + 1) * heights
-        cls = ops.zeros_like(offsets)
-        cls = ops.where(offsets > end + 3, _PAD, cls)
-        cls = ops.where(offsets == end + 3, _EOS, cls)
-        cls = ops.where(offsets == end + 2, _EOI, cls)
-        cls = ops.where(offsets == end + 1, _EOF, cls)
-        cls = ops.where(offsets % (widths + 1) == 0, _EOL, cls)
-        return scores + ops.gather(self.masks, cls, 0), cls == _VISUAL
+def forced_tokens(offsets, heights, widths, steps: int, config) -> np.ndarray:
+    """(steps, B) int32: row t holds the token each row must emit as its t-th new token, or VISUAL
+    where a visual token is due. offsets, heights, widths: (B,) as for `build_prefix_constraint`
+    (the offset of the first new token)."""
+    visual_token_ids(config)  # the vocabulary check
+    offsets = np.asarray(offsets)[None] + np.arange(steps)[:, None]
+    return _class_tokens(config)[_offset_classes(offsets, np.asarray(heights), np.asarray(widths))].astype(np.int32)

@@ -6,9 +6,13 @@ Speed design (the decode loop is where an image's 8193 tokens go):
 - the prompt goes through `GenerationStep` once (prefill), then every token through the same `GenerationStep` with
   fixed shapes. In GRAPH mode that cell compiles once for the prefill and once per attention
   window of the cache (emu3.backend.cache_windows: on the CPU 256, 512, ... slots, at most 5 for
-  Emu3's 9216-token context; on Ascend one), never per token: every per-step value (next ids,
-  positions, cache slot, step number, finished rows, constraint offsets) is a device tensor that
-  the step returns for the next call;
+  Emu3's 9216-token context; on Ascend one), and for an image once more per window for the
+  steps whose tokens are all forced; never per token: every per-step value (next ids, positions,
+  cache slot, step number, finished rows) is a device tensor that the step returns for the next
+  call, and the tables it reads (the image's forced tokens, the sampling uniforms) are uploaded once;
+- an image step computes only the logits the constraint lets it choose: the visual tokens' rows
+  of the lm_head where a visual token is due, none where every row's token is forced (eol, eof,
+  eoi, eos, pad). The schedule is known before decoding, so the host picks the step's graph;
 - classifier-free guidance runs both branches in one forward of batch 2B: rows [0, B) are the
   prompts, rows [B, 2B) the negative prompts, each with its own rows of the cache. Both are left
   padded to one length so they share cache slots;
@@ -28,9 +32,10 @@ from mindspore import nn, ops
 from tqdm.auto import tqdm
 
 from emu3 import backend, checks
-from emu3.generation.constraints import VISUAL_CODEBOOK_SIZE, ImagePrefixConstraint, image_start_offsets
+from emu3.generation.constraints import VISUAL, forced_tokens, image_start_offsets
 from emu3.generation.guidance import classifier_free_guidance
 from emu3.generation.sampling import apply_temperature, draw_uniforms, greedy, sample
+from emu3.generation.visual_head import VisualHead
 
 _FETCH_EVERY = 16
 _PROMPT_BUCKET = 64
@@ -83,6 +88,14 @@ class GenerationConfig:
         return self.guidance_scale is not None and self.guidance_scale != 1.0
 
 
+# What a step computes after the layers, chosen on the host for each step (each is its own graph):
+# the lm_head over the whole vocabulary (text), over the visual tokens only (an image step where
+# some row's next token is a visual one; the other rows take their forced token), or no lm_head at
+# all (every row's next token is forced: eol, eof, eoi, eos, pad). docs/generation.md shows why
+# the image steps pick exactly the tokens that the full vocabulary would.
+TEXT, VISUAL_STEP, FORCED_STEP = "text", "visual", "forced"
+
+
 class GenerationStep(nn.Cell):
     """One forward through the cache plus the choice of the next token, for prefill and decode."""
 
@@ -92,7 +105,7 @@ class GenerationStep(nn.Cell):
         self.model = model
         self.cache = cache
         self.guidance_scale = config.guidance_scale if config.guided else None
-        self.constraint = ImagePrefixConstraint(model.config) if constrained else None
+        self.visual_head = VisualHead(model) if constrained else None
         self.do_sample = config.do_sample
         self.temperature = config.temperature
         self.top_k = config.top_k
@@ -100,35 +113,38 @@ class GenerationStep(nn.Cell):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
 
-    def construct(self, input_ids, position_ids, cache_position, attention_mask, step, unfinished, offsets, heights,
-                  widths, uniforms, window):
-        logits = self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, self.cache,
-                                           window)
-        scores = logits
-        if self.guidance_scale is not None:
-            scores = classifier_free_guidance(scores, self.guidance_scale)
-        if self.constraint is not None:
-            scores, visual = self.constraint(scores, offsets, heights, widths)
-        if not self.do_sample:
-            tokens = greedy(scores)
-        elif self.constraint is None:
-            tokens = sample(apply_temperature(scores, self.temperature), ops.gather(uniforms, step, 0)[0],
-                            self.top_k, self.top_p)
+    def construct(self, input_ids, position_ids, cache_position, attention_mask, step, unfinished, forced, uniforms,
+                  window, kind):
+        """`forced`: (steps, B) table of constraints.forced_tokens (read at `step`) for image steps;
+        `kind`: TEXT, VISUAL_STEP or FORCED_STEP, a Python constant."""
+        if kind == TEXT:
+            tokens = self._choose(self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask,
+                                                            self.cache, window), step, uniforms)
         else:
-            # Only the visual tokens can have probability where a visual token is due (elsewhere
-            # exactly one token is allowed: the argmax), so sampling looks at those 32768 columns
-            # instead of the whole vocabulary: the same tokens, a 5.6x smaller top-k.
-            columns = ops.narrow(scores, -1, self.constraint.first_visual, VISUAL_CODEBOOK_SIZE)
-            sampled = self.constraint.first_visual + sample(
-                apply_temperature(columns, self.temperature), ops.gather(uniforms, step, 0)[0], self.top_k,
-                self.top_p)
-            tokens = ops.where(visual, sampled, greedy(scores))
+            hidden = self.model.hidden_cached(input_ids, position_ids, cache_position, attention_mask, self.cache,
+                                              window)
+            # depend: a forced step uses no output of the layers, and GRAPH mode would otherwise
+            # drop their cache writes with them.
+            tokens = ops.depend(ops.gather(forced, step, 0)[0], hidden)
+            if kind == VISUAL_STEP:
+                chosen = self.visual_head.first + self._choose(self.visual_head(hidden), step, uniforms)
+                tokens = ops.where(tokens == VISUAL, chosen, tokens)
         tokens = ops.where(unfinished, tokens, self.pad_token_id)
         unfinished = ops.logical_and(unfinished, tokens != self.eos_token_id)
         next_ids = tokens[:, None]
         if self.guidance_scale is not None:
             next_ids = ops.concat((next_ids, next_ids), 0)
-        return tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, step + 1, unfinished, offsets + 1
+        return tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, step + 1, unfinished
+
+    def _choose(self, logits, step, uniforms):
+        """Guidance, then argmax or sampling over the columns of `logits` (B or 2B rows): column ids."""
+        scores = logits
+        if self.guidance_scale is not None:
+            scores = classifier_free_guidance(scores, self.guidance_scale)
+        if not self.do_sample:
+            return greedy(scores)
+        return sample(apply_temperature(scores, self.temperature), ops.gather(uniforms, step, 0)[0], self.top_k,
+                      self.top_p)
 
 
 def _step_for(model, config, constrained, eos, pad, rows, max_length) -> GenerationStep:
@@ -246,26 +262,30 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
     rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
     max_length = min(_round_up(prompt_length + new, _CACHE_BUCKET), context)
 
+    # Tables with one row per cache slot (a bucketed shape); row t is read by the t-th new token.
     constrained = image_size is not None
-    zeros = np.zeros(batch, np.int32)
     if constrained:
         sizes = _image_sizes(image_size, batch)
-        offsets, heights, widths = image_start_offsets(ids, model_config.img_token_id), sizes[:, 0], sizes[:, 1]
+        forced = forced_tokens(image_start_offsets(ids, model_config.img_token_id), sizes[:, 0], sizes[:, 1],
+                               max_length, model_config)
+        kinds = [VISUAL_STEP if (row == VISUAL).any() else FORCED_STEP for row in forced[:new]]
     else:
-        offsets, heights, widths = zeros, zeros, zeros
-    # One row of uniforms per cache slot (a bucketed shape); row t drives the t-th new token.
+        forced = np.zeros((1, batch), np.int32)
+        kinds = [TEXT] * new
     uniforms = (draw_uniforms(config.seed, max_length, batch) if config.do_sample
                 else np.zeros((1, batch), np.float32))
 
     step = _step_for(model, config, constrained, eos, pad, rows.shape[0], max_length)
     step.cache.reset()
+    if constrained:
+        step.visual_head.load(model.lm_head.weight)
     windows = backend.cache_windows(max_length)
     full_mask = ms.Tensor(np.concatenate([row_mask, np.ones((rows.shape[0], max_length - prompt_length), np.int32)],
                                          1))
     positions = np.clip(np.cumsum(row_mask, 1) - 1, 0, None).astype(np.int32)
-    constants = (ms.Tensor(heights), ms.Tensor(widths), ms.Tensor(uniforms))
+    constants = (ms.Tensor(forced), ms.Tensor(uniforms))
     state = (ms.Tensor(rows), ms.Tensor(positions), ms.Tensor(np.arange(prompt_length, dtype=np.int32)))
-    loop = (ms.Tensor(np.zeros(1, np.int32)), ms.Tensor(np.ones(batch, np.bool_)), ms.Tensor(offsets))
+    loop = (ms.Tensor(np.zeros(1, np.int32)), ms.Tensor(np.ones(batch, np.bool_)))
 
     generated = np.full((batch, new), pad, np.int32)
     finished = np.zeros(batch, bool)
@@ -275,10 +295,10 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
         for index in range(new):
             last_slot = prompt_length - 1 + index  # the prefill fills slots [0, prompt_length)
             window = next(w for w in windows if w > last_slot)
-            tokens, next_ids, next_positions, next_slot, counter, unfinished, next_offsets = step(
-                *state, full_mask, *loop, *constants, window)
+            tokens, next_ids, next_positions, next_slot, counter, unfinished = step(
+                *state, full_mask, *loop, *constants, window, kinds[index])
             state = (next_ids, next_positions, next_slot)
-            loop = (counter, unfinished, next_offsets)
+            loop = (counter, unfinished)
             pending.append(tokens)
             if len(pending) == _FETCH_EVERY or index == new - 1:
                 chunk = ops.stack(pending, 1).asnumpy()

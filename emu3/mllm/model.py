@@ -5,7 +5,8 @@ Two entry points share every layer:
   plus the loss when labels are given;
 - `Emu3ForCausalLM.forward_cached` runs a prefill or a decode step against a static, preallocated
   KV cache (emu3.generation.cache), which it updates in place, and returns only the last
-  position's logits, so one compiled graph serves every step of a generation.
+  position's logits, so one compiled graph serves every step of a generation; `hidden_cached`
+  stops before the lm_head (image steps need only some of its rows, or none).
 Weights are in the model dtype; RMSNorm, softmax, RoPE tables and logits are fp32.
 """
 
@@ -376,8 +377,13 @@ class Emu3ForCausalLM(nn.Cell):
                                 self.dtype)
 
     def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
+        """`hidden_cached` and the lm_head: the last position's logits (B, V) fp32."""
+        return self.lm_head(self.hidden_cached(input_ids, position_ids, cache_position, attention_mask, cache,
+                                               window)).astype(ms.float32)
+
+    def hidden_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
         """Run L new tokens against the cache (their keys and values are written into it in place):
-        returns the last position's logits (B, V) fp32.
+        returns the last position's hidden state (B, hidden) after the final norm.
 
         input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the empty slots they go
         to, all below `window` (an int: attention reads only the first `window` slots; default all);
@@ -397,7 +403,7 @@ class Emu3ForCausalLM(nn.Cell):
             attention_mask = ops.slice(attention_mask, (0, 0), (batch, window))
         mask = _cached_mask(attention_mask, cache_position)
         hidden_states = self.model(input_ids, position_ids, mask, cache, cache_position, window)
-        return self.lm_head(hidden_states[:, -1]).astype(ms.float32)
+        return hidden_states[:, -1]
 
     @classmethod
     def from_pretrained(cls, directory, dtype="fp32", attn_implementation: str = "eager") -> "Emu3ForCausalLM":

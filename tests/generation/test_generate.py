@@ -4,12 +4,12 @@ constraint), seeded sampling, graph mode == pynative, and compilations that don'
 import importlib
 
 import numpy as np
-import mindspore.common.api as ms_api
 import pytest
 
 from emu3 import backend, weights
 from emu3.generation import GenerationConfig, build_prefix_constraint, generate
 from emu3.generation.constraints import visual_token_ids
+from emu3.generation.sampling import draw_uniforms
 
 # The module, not the function of the same name that emu3.generation exports.
 generate_module = importlib.import_module("emu3.generation.generate")
@@ -115,6 +115,88 @@ def assert_well_formed(row, config, height, width):
         config.eof_token_id, config.eoi_token_id, config.eos_token_id]
 
 
+def test_constrained_greedy_without_guidance_matches_transformers(run_mode, models, torch_reference, rng):
+    """Images of two sizes in one batch: at some steps one row's token is forced while the other's is
+    a visual one (the visual lm_head computes both, the forced row takes its token)."""
+    reference, model = models
+    config = model.config
+    ids, mask = image_prompts(config, rng, [2, 5])
+    sizes = [(2, 4), (3, 3)]  # 13 and 15 new tokens: the first row pads after its eos
+    constraints = [build_prefix_constraint(h, w, config) for h, w in sizes]
+    with torch_reference.no_grad():
+        expected = reference.generate(
+            torch_reference.from_numpy(ids).long(), attention_mask=torch_reference.from_numpy(mask).long(),
+            max_new_tokens=15, do_sample=False, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            prefix_allowed_tokens_fn=lambda batch_id, row: constraints[batch_id](batch_id, row)).numpy()
+    got = generate(model, ids, mask, GenerationConfig(max_new_tokens=15), image_size=sizes, progress=False)
+    np.testing.assert_array_equal(got, expected)
+    for row, (h, w) in zip(got[:, ids.shape[1]:], sizes):
+        assert_well_formed(row, config, h, w)
+    assert got[0, -2:].tolist() == [config.pad_token_id] * 2
+
+
+def _log_softmax(x):
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def sampled_reference(torch, reference, prompts, negatives, image_size, settings, new):
+    """Seeded text-to-image sampling restated in numpy (float64) over transformers' full-vocabulary
+    logits of unpadded rows: guidance on log-probabilities, the constraint, temperature, top-k,
+    top-p (transformers' rules), then the token where the row's uniform falls in the cumulative
+    distribution of the candidates ranked best first. Also returns how many sampled tokens differ
+    from the argmax (so the test is not greedy in disguise)."""
+    allowed_fn = build_prefix_constraint(*image_size, EMU3_CONFIG)
+    uniforms = draw_uniforms(settings.seed, new, len(prompts))
+    rows = [list(p) for p in prompts]
+    not_argmax = 0
+
+    def last_logits(tokens):
+        with torch.no_grad():
+            return reference(torch.tensor([tokens])).logits[0, -1].double().numpy()
+
+    for t in range(new):
+        for b, (row, negative) in enumerate(zip(rows, negatives)):
+            scores = last_logits(row)
+            if settings.guided:
+                cond, uncond = _log_softmax(scores), _log_softmax(last_logits(list(negative) + row[len(prompts[b]):]))
+                scores = settings.guidance_scale * (cond - uncond) + uncond
+            allowed = allowed_fn(b, np.array(row))
+            x = np.full_like(scores, -np.inf)
+            x[allowed] = scores[allowed] / settings.temperature
+            x[x < np.sort(x)[-settings.top_k]] = -np.inf
+            ascending = np.sort(x)
+            cumulative = np.cumsum(np.exp(ascending - ascending[-1]) / np.exp(ascending - ascending[-1]).sum())
+            removed = cumulative <= 1 - settings.top_p
+            removed[-1] = False
+            x[x < ascending[removed.sum()]] = -np.inf
+            order = np.argsort(-x, kind="stable")
+            cdf = np.cumsum(np.exp(x[order] - x[order[0]]))
+            token = int(order[np.searchsorted(cdf, uniforms[t, b] * cdf[-1], side="right")])
+            not_argmax += token != int(np.argmax(x))
+            row.append(token)
+    return np.array([row[len(p):] for row, p in zip(rows, prompts)]), not_argmax
+
+
+@pytest.mark.parametrize("guidance_scale", [3.0, None])
+def test_seeded_image_sampling_matches_a_numpy_restatement(models, torch_reference, rng, guidance_scale):
+    """Top-k/top-p sampling of an image over the visual columns only (and no lm_head at forced
+    steps) draws the tokens that sampling the full vocabulary draws from the same uniforms."""
+    reference, model = models
+    config = model.config
+    ids, mask = image_prompts(config, rng, [2, 5])
+    negative, _ = image_prompts(config, rng, [3])
+    negative = np.repeat(negative, 2, 0)
+    settings = GenerationConfig(max_new_tokens=11, do_sample=True, top_k=40, top_p=0.9, temperature=0.7, seed=3,
+                                guidance_scale=guidance_scale)
+    prompts = [r[m == 1] for r, m in zip(ids, mask)]
+    expected, not_argmax = sampled_reference(torch_reference, reference, prompts, negative, (2, 3), settings, 11)
+    got = generate(model, ids, mask, settings, negative_input_ids=negative if settings.guided else None,
+                   image_size=(2, 3), progress=False)
+    np.testing.assert_array_equal(got[:, ids.shape[1]:], expected)
+    assert not_argmax >= 4
+
+
 def test_sampling_is_seeded_well_formed_and_mode_independent(models, rng):
     _, model = models
     config = model.config
@@ -136,30 +218,39 @@ def test_sampling_is_seeded_well_formed_and_mode_independent(models, rng):
     assert backend.run_mode() == "pynative"  # a per-call mode is restored afterwards
 
 
-def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, torch_reference, rng, monkeypatch):
+def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, torch_reference, rng, monkeypatch,
+                                                                        compilations):
     """Graph mode: the decode step compiles once per shape, however many tokens it produces."""
     reference, model = models
     backend.set_run_mode("graph", "CPU")
     monkeypatch.setattr(generate_module, "_CACHE_BUCKET", 16)  # 3 and 40 new tokens: two cache sizes
-    compiled = []
-    compile_ = ms_api._cell_graph_executor.compile
-
-    def counting_compile(*args, **kwargs):
-        phase, fresh = compile_(*args, **kwargs)
-        compiled.append(fresh)
-        return phase, fresh
-
-    monkeypatch.setattr(ms_api._cell_graph_executor, "compile", counting_compile)
     ids, mask = text_prompts(rng, [4, 6])
     counts = []
     for new in (3, 40):
-        compiled.clear()
+        compilations.clear()
         got = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), progress=False)
-        counts.append(sum(compiled))
+        counts.append(sum(compilations))
         expected = reference_generate(torch_reference, reference, ids, mask, new, model.config.eos_token_id)
         np.testing.assert_array_equal(got, expected)
     # Each call: one graph for the prefill, one for the decode step; 40 tokens compile no more than 3.
     assert counts == [2, 2], counts
+
+
+def test_graph_image_compiles_three_graphs_whatever_its_size(models, rng, compilations):
+    """Graph mode, text-to-image with guidance: the prefill, the visual-columns step and the forced-token
+    step; a larger image with the same cache size compiles nothing more."""
+    _, model = models
+    config = model.config
+    backend.set_run_mode("graph", "CPU")
+    ids, mask = image_prompts(config, rng, [3])
+    counts = []
+    for h, w in [(2, 3), (4, 6)]:
+        compilations.clear()
+        got = generate(model, ids, mask, GenerationConfig(max_new_tokens=(w + 1) * h + 3, guidance_scale=3.0),
+                       negative_input_ids=ids, image_size=(h, w), progress=False)
+        assert_well_formed(got[0, ids.shape[1]:], config, h, w)
+        counts.append(sum(compilations))
+    assert counts == [3, 0], counts
 
 
 def test_graph_attention_windows_change_no_token(models, torch_reference, rng, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from mindspore import nn
 
 from emu3.generation import sampling
-from emu3.generation.constraints import ImagePrefixConstraint, build_prefix_constraint, visual_token_ids
+from emu3.generation.constraints import VISUAL, build_prefix_constraint, forced_tokens, visual_token_ids
 from emu3.generation.guidance import classifier_free_guidance
 
 # Emu3's special ids and vocabulary size (facts file); only these attributes are read.
@@ -104,31 +104,37 @@ def test_guidance_matches_unbatched_cfg_processor(rng, torch_reference, tlp):
     np.testing.assert_allclose(got.asnumpy(), ref.numpy(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("height,width", [(3, 4), (2, 1)])
-def test_device_constraint_matches_prefix_constrained_processor(torch_reference, tlp, height, width):
-    """Every offset from the first image token to past eos, several prompt layouts in one batch."""
+def test_forced_tokens_spell_the_image_row_by_row():
+    """The table the decode loop reads, against the image written out token by token up to the
+    first pad; two rows of different sizes, whose first new tokens are at different offsets from
+    their image tokens. (Further on, BAAI's rule puts eol at multiples of w+1; generation emits pad
+    there as every row has finished.)"""
+    c = EMU3_IDS
+    sizes, starts = [(3, 4), (1, 5)], [1, 3]
+
+    def spelled(h, w):  # the tokens at offsets 1, 2, ..., (w+1)h + 4
+        return ([VISUAL] * w + [c.eol_token_id]) * h + [c.eof_token_id, c.eoi_token_id, c.eos_token_id,
+                                                         c.pad_token_id]
+
+    table = forced_tokens(np.array(starts), np.array([h for h, _ in sizes]), np.array([w for _, w in sizes]), 19, c)
+    assert table.shape == (19, 2) and table.dtype == np.int32
+    for b, ((h, w), start) in enumerate(zip(sizes, starts)):
+        expected = spelled(h, w)[start - 1:]
+        assert table[:len(expected), b].tolist() == expected
+
+
+@pytest.mark.parametrize("height,width", [(3, 4), (2, 1), (2, 2)])
+def test_forced_tokens_agree_with_the_prefix_function(height, width):
+    """At every offset: VISUAL where the python constraint allows the visual tokens, else its one token
+    (including BAAI's precedence of eol, which replaces eoi or eos for widths 1 and 2)."""
     config = EMU3_IDS
     fn = build_prefix_constraint(height, width, config)
-    reference = tlp.PrefixConstrainedLogitsProcessor(fn, num_beams=1)
-    constraint = ImagePrefixConstraint(config)
-    offsets = np.arange(1, (width + 1) * height + 7)
-    prompt_lengths = [3, 5]
-    rows, row_offsets = [], []
-    for n in offsets:  # a row whose last token is n - 1 positions after img: its next offset is n
-        for prompt in prompt_lengths:
-            row = np.full(prompt + n - 1, 7, np.int64)
-            row[prompt - 1] = config.img_token_id
-            rows.append(row)
-            row_offsets.append(n)
-    scores = np.random.default_rng(0).normal(size=(len(rows), config.vocab_size)).astype(np.float32)
-    expected = np.concatenate([
-        reference(torch_reference.from_numpy(r[None]), torch_reference.from_numpy(s[None])).numpy()
-        for r, s in zip(rows, scores)])
-    b = len(rows)
-    got, visual = constraint(ms.Tensor(scores), ms.Tensor(np.array(row_offsets, np.int32)),
-                             ms.Tensor(np.full(b, height, np.int32)), ms.Tensor(np.full(b, width, np.int32)))
-    np.testing.assert_array_equal(got.asnumpy(), expected)
-    np.testing.assert_array_equal(visual.asnumpy(), np.isfinite(expected).sum(-1) == 32768)
+    steps = (width + 1) * height + 6
+    table = forced_tokens(np.array([1]), np.array([height]), np.array([width]), steps, config)[:, 0]
+    visual = visual_token_ids(config).tolist()
+    for offset in range(1, steps + 1):
+        allowed = fn(0, np.array([7, config.img_token_id] + [7] * (offset - 1)))
+        assert (allowed == visual) if table[offset - 1] == VISUAL else allowed == [table[offset - 1]]
 
 
 def test_prefix_constraint_spells_a_well_formed_image():
@@ -159,43 +165,43 @@ def test_constraint_errors():
 
 
 class _Pipeline(nn.Cell):
-    """CFG, constraint and sampling in one cell, as inside the decode step."""
+    """Guidance and the choice, in one cell as inside the decode step."""
 
-    def __init__(self, config):
-        super().__init__()
-        self.constraint = ImagePrefixConstraint(config)
-
-    def construct(self, logits, offsets, heights, widths, uniforms):
+    def construct(self, logits, uniforms):
         scores = classifier_free_guidance(logits, 3.0)
-        scores = self.constraint(scores, offsets, heights, widths)[0]
         return sampling.sample(scores, uniforms, 2048, 0.9), sampling.greedy(scores)
 
 
 def test_pipeline_graph_equals_pynative(run_mode, rng):
-    config = EMU3_IDS
     b = 4
-    logits = ms.Tensor(rng.normal(size=(2 * b, config.vocab_size)).astype(np.float32))
-    args = (logits, ms.Tensor(np.array([1, 5, 16, 17], np.int32)), ms.Tensor(np.full(b, 3, np.int32)),
-            ms.Tensor(np.full(b, 4, np.int32)), ms.Tensor(sampling.draw_uniforms(0, 1, b)[0]))
-    sampled, best = (t.asnumpy() for t in _Pipeline(config)(*args))
+    args = (ms.Tensor(rng.normal(size=(2 * b, 32768)).astype(np.float32)),
+            ms.Tensor(sampling.draw_uniforms(0, 1, b)[0]))
+    sampled, best = (t.asnumpy() for t in _Pipeline()(*args))
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ref_sampled, ref_best = (t.asnumpy() for t in _Pipeline(config)(*args))
+    ref_sampled, ref_best = (t.asnumpy() for t in _Pipeline()(*args))
     assert np.array_equal(sampled, ref_sampled) and np.array_equal(best, ref_best)
-    visual = visual_token_ids(config)
-    assert visual[0] <= sampled[0] <= visual[-1] and sampled[1] == config.eol_token_id
-    assert sampled[2] == config.eof_token_id and sampled[3] == config.eoi_token_id
 
 
-def test_sampling_the_visual_columns_equals_sampling_the_vocabulary(rng):
-    """Where a visual token is due, sampling the 32768 visual columns picks what the full row would."""
+@pytest.mark.parametrize("guidance", [3.0, None])
+def test_choosing_among_the_visual_columns_equals_choosing_in_the_vocabulary(rng, guidance):
+    """Where a visual token is due: guidance on log-probabilities of the visual columns only, then
+    temperature, top-k, top-p and sampling (or argmax) over them pick the token that the full
+    vocabulary with the constraint's mask picks. Log-softmax over fewer columns shifts each branch
+    of a row by a constant, and so their guided mix, which none of the later steps sees."""
     config = EMU3_IDS
-    scores = ms.Tensor(rng.normal(size=(8, config.vocab_size)).astype(np.float32) * 3)
-    b = ms.Tensor(np.full(8, 3, np.int32))
-    masked, visual = ImagePrefixConstraint(config)(scores, ms.Tensor(np.full(8, 2, np.int32)), b, b)
-    assert visual.asnumpy().all()
-    u = ms.Tensor(sampling.draw_uniforms(1, 1, 8)[0])
+    rows = 8
+    logits = rng.normal(size=(2 * rows if guidance else rows, config.vocab_size)).astype(np.float32) * 3
+    mask = np.full(config.vocab_size, -np.inf, np.float32)
+    mask[visual_token_ids(config)] = 0.0
     first = int(visual_token_ids(config)[0])
-    columns = ms.ops.narrow(masked, -1, first, 32768)
-    for top_k, top_p in [(2048, 1.0), (100, 0.7), (None, 0.9)]:
-        full = sampling.sample(masked, u, top_k, top_p).asnumpy()
-        assert np.array_equal(full, first + sampling.sample(columns, u, top_k, top_p).asnumpy())
+    full = ms.Tensor(logits)
+    columns = ms.ops.narrow(full, -1, first, 32768)
+    if guidance:
+        full, columns = classifier_free_guidance(full, guidance), classifier_free_guidance(columns, guidance)
+    full = full + ms.Tensor(mask)
+    assert np.array_equal(sampling.greedy(full).asnumpy(), first + sampling.greedy(columns).asnumpy())
+    u = ms.Tensor(sampling.draw_uniforms(1, 1, rows)[0])
+    for top_k, top_p, temperature in [(2048, 1.0, 1.0), (100, 0.7, 0.6), (None, 0.9, 1.5)]:
+        expected = sampling.sample(sampling.apply_temperature(full, temperature), u, top_k, top_p).asnumpy()
+        got = sampling.sample(sampling.apply_temperature(columns, temperature), u, top_k, top_p).asnumpy()
+        assert np.array_equal(expected, first + got)
