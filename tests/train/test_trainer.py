@@ -197,8 +197,11 @@ def test_accumulated_micro_batches_equal_one_batch(rng):
     second, norm, _ = step(ms.Tensor(ids[1:]), ms.Tensor(pos[1:]), ms.Tensor(labels[1:]), denominator, one, lr)
     assert float(norm.asnumpy()) == pytest.approx(float(whole_norm.asnumpy()), rel=1e-5)
     assert float(first.asnumpy()) + float(second.asnumpy()) > 0
+    # As after the first step above: summing the gradient in two parts rounds differently, which
+    # shows only where a gradient is ~eps (AdamW's first update is ~lr * sign(grad) elsewhere).
     for (name, a), b in zip(whole.parameters_and_names(), split.get_parameters()):
-        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=0, atol=1e-4, err_msg=name)
+        assert np.mean(np.abs(b.asnumpy() - a.asnumpy()) > 1e-6) < 1e-3, name
     assert all(not b.asnumpy().any() for b in accumulated.buffers)
 
 
