@@ -48,6 +48,9 @@ class GenerationConfig:
     mode: "pynative" or "graph" for this call; None follows the current MindSpore context.
     guidance_scale: classifier-free guidance strength (Emu3-Gen uses 3.0); needs negative prompts.
     seed: drives sampling (same seed, same tokens); None draws a fresh one.
+    parallel_window: None decodes one token per forward pass (BAAI's behaviour). An int w turns on
+        parallel row decoding for images (emu3.generation.parallel_rows): row r of the image starts
+        once row r-1 has w tokens, and every pass decides one token in each started row.
     """
 
     max_new_tokens: int = 256
@@ -60,6 +63,7 @@ class GenerationConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     mode: str | None = None
+    parallel_window: int | None = None
 
     def validate(self) -> None:
         if int(self.max_new_tokens) < 1:
@@ -72,6 +76,8 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
         if self.mode not in (None, *backend.MODES):
             raise ValueError(f"mode must be None, 'pynative' or 'graph', got {self.mode!r}")
+        if self.parallel_window is not None and int(self.parallel_window) < 1:
+            raise ValueError(f"parallel_window must be None (sequential decoding) or >= 1, got {self.parallel_window}")
 
     @property
     def guided(self) -> bool:
@@ -99,31 +105,37 @@ class GenerationStep(nn.Cell):
                   widths, uniforms, window):
         logits = self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask, self.cache,
                                            window)
-        scores = logits
-        if self.guidance_scale is not None:
-            scores = classifier_free_guidance(scores, self.guidance_scale)
-        if self.constraint is not None:
-            scores, visual = self.constraint(scores, offsets, heights, widths)
-        if not self.do_sample:
-            tokens = greedy(scores)
-        elif self.constraint is None:
-            tokens = sample(apply_temperature(scores, self.temperature), ops.gather(uniforms, step, 0)[0],
-                            self.top_k, self.top_p)
-        else:
-            # Only the visual tokens can have probability where a visual token is due (elsewhere
-            # exactly one token is allowed: the argmax), so sampling looks at those 32768 columns
-            # instead of the whole vocabulary: the same tokens, a 5.6x smaller top-k.
-            columns = ops.narrow(scores, -1, self.constraint.first_visual, VISUAL_CODEBOOK_SIZE)
-            sampled = self.constraint.first_visual + sample(
-                apply_temperature(columns, self.temperature), ops.gather(uniforms, step, 0)[0], self.top_k,
-                self.top_p)
-            tokens = ops.where(visual, sampled, greedy(scores))
+        row_uniforms = None
+        if self.do_sample:
+            row_uniforms = ops.gather(uniforms, step, 0)[0]
+        tokens = self.choose(logits, offsets, heights, widths, row_uniforms)
         tokens = ops.where(unfinished, tokens, self.pad_token_id)
         unfinished = ops.logical_and(unfinished, tokens != self.eos_token_id)
         next_ids = tokens[:, None]
         if self.guidance_scale is not None:
             next_ids = ops.concat((next_ids, next_ids), 0)
         return tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, step + 1, unfinished, offsets + 1
+
+    def choose(self, logits, offsets, heights, widths, uniforms):
+        """The next token of each row from its (rows, V) logits: guidance, the constraint at each
+        row's offset, then greedy or sampling with one uniform per row ((N,), None for greedy).
+        With guidance the logits have twice the rows of the result (conditional rows first)."""
+        scores = logits
+        if self.guidance_scale is not None:
+            scores = classifier_free_guidance(scores, self.guidance_scale)
+        if self.constraint is not None:
+            scores, visual = self.constraint(scores, offsets, heights, widths)
+        if not self.do_sample:
+            return greedy(scores)
+        if self.constraint is None:
+            return sample(apply_temperature(scores, self.temperature), uniforms, self.top_k, self.top_p)
+        # Only the visual tokens can have probability where a visual token is due (elsewhere
+        # exactly one token is allowed: the argmax), so sampling looks at those 32768 columns
+        # instead of the whole vocabulary: the same tokens, a 5.6x smaller top-k.
+        columns = ops.narrow(scores, -1, self.constraint.first_visual, VISUAL_CODEBOOK_SIZE)
+        sampled = self.constraint.first_visual + sample(apply_temperature(columns, self.temperature), uniforms,
+                                                        self.top_k, self.top_p)
+        return ops.where(visual, sampled, greedy(scores))
 
 
 def _step_for(model, config, constrained, eos, pad, rows, max_length) -> GenerationStep:
@@ -171,6 +183,40 @@ def _image_sizes(image_size, batch: int):
     return sizes.astype(np.int32)
 
 
+def _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, pad):
+    """The checked prompts (B, L) and the rows of one forward: the prompts, then with guidance the
+    negative prompts, all left padded to one length (rows (R, L) and their attention mask)."""
+    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids")
+    batch = ids.shape[0]
+    if config.guided:
+        if negative_input_ids is None:
+            raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
+                             f"prompts, built with the processor in mode 'G' like the prompts).")
+        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids")
+        if neg_ids.shape[0] != batch:
+            raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
+                             f"negative prompt per prompt.")
+        length = max(ids.shape[1], neg_ids.shape[1])
+        ids, mask = _left_pad(ids, mask, length, pad)
+        neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
+        return ids, np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
+    if negative_input_ids is not None:
+        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
+                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
+    return ids, ids, mask
+
+
+def _bucketed(rows, row_mask, slots: int, context: int, pad: int):
+    """Rows left padded to a bucketed length and a cache length for `slots` slots after them:
+    calls with nearby lengths reuse the compiled graphs. Extra prompt columns are masked padding;
+    extra cache slots are never reached. Returns rows, mask, prompt length, cache length."""
+    prompt_length = _round_up(rows.shape[1], _PROMPT_BUCKET)
+    if prompt_length + slots > context:
+        prompt_length = rows.shape[1]
+    rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
+    return rows, row_mask, prompt_length, min(_round_up(prompt_length + slots, _CACHE_BUCKET), context)
+
+
 def generate(model, input_ids, attention_mask=None, config: GenerationConfig | None = None,
              negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True):
     """Generate up to `config.max_new_tokens` tokens after each (left-padded) prompt.
@@ -200,38 +246,19 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
     model_config = model.config
     eos = model_config.eos_token_id if config.eos_token_id is None else int(config.eos_token_id)
     pad = model_config.pad_token_id if config.pad_token_id is None else int(config.pad_token_id)
-    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids")
+    ids, rows, row_mask = _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
+                                       pad)
     batch = ids.shape[0]
-    if config.guided:
-        if negative_input_ids is None:
-            raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
-                             f"prompts, built with the processor in mode 'G' like the prompts).")
-        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids")
-        if neg_ids.shape[0] != batch:
-            raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
-                             f"negative prompt per prompt.")
-        length = max(ids.shape[1], neg_ids.shape[1])
-        ids, mask = _left_pad(ids, mask, length, pad)
-        neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
-        rows, row_mask = np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
-    elif negative_input_ids is not None:
-        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
-                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
-    else:
-        rows, row_mask = ids, mask
-
     new = int(config.max_new_tokens)
     if rows.shape[1] + new > model_config.max_position_embeddings:
         raise ValueError(f"prompt ({rows.shape[1]}) + max_new_tokens ({new}) = {rows.shape[1] + new} exceeds the "
                          f"model's context window max_position_embeddings={model_config.max_position_embeddings}.")
-    # Shapes rounded up to buckets: calls with nearby lengths reuse the compiled graphs. Extra prompt
-    # columns are masked padding; extra cache slots are never reached.
-    context = model_config.max_position_embeddings
-    prompt_length = _round_up(rows.shape[1], _PROMPT_BUCKET)
-    if prompt_length + new > context:
-        prompt_length = rows.shape[1]
-    rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
-    max_length = min(_round_up(prompt_length + new, _CACHE_BUCKET), context)
+    if config.parallel_window is not None:
+        from emu3.generation import parallel_rows  # imported here: it builds on this module
+        return parallel_rows.generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos, pad,
+                                           progress)
+    rows, row_mask, prompt_length, max_length = _bucketed(rows, row_mask, new, model_config.max_position_embeddings,
+                                                          pad)
 
     constrained = image_size is not None
     zeros = np.zeros(batch, np.int32)

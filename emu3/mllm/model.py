@@ -291,12 +291,15 @@ class Emu3ForCausalLM(nn.Cell):
         return kv_cache.KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim,
                                 self.dtype)
 
-    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
+    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None,
+                       all_positions=False):
         """Run L new tokens against the cache (their keys and values are written into it in place):
-        returns the last position's logits (B, V) fp32.
+        returns the last position's logits (B, V) fp32, or with all_positions=True every position's
+        (B, L, V) (parallel row decoding scores several tokens per pass).
 
         input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the empty slots they go
-        to, all below `window` (an int: attention reads only the first `window` slots; default all);
+        to, all below `window` (an int: attention reads only the first `window` slots; default all;
+        a token written at or above `window` is seen by no query);
         attention_mask (B, max_length) int32, 1 where a slot holds a real token. In GRAPH mode
         call it from a Cell that holds the cache (KVCache is a Cell of Parameters, not a graph input)
         and give `window` as a Python int: each value is its own graph.
@@ -311,7 +314,9 @@ class Emu3ForCausalLM(nn.Cell):
             raise ValueError(f"window must be in [1, {cache.max_length}] (the cache's length), got {window}")
         mask = _cached_mask(attention_mask if window is None else attention_mask[:, :window], cache_position)
         hidden_states = self.model(input_ids, position_ids, mask, cache, cache_position, window)
-        return self.lm_head(hidden_states[:, -1]).astype(ms.float32)
+        if not all_positions:
+            hidden_states = hidden_states[:, -1]
+        return self.lm_head(hidden_states).astype(ms.float32)
 
     @classmethod
     def from_pretrained(cls, directory, dtype="fp32", attn_implementation: str = "eager") -> "Emu3ForCausalLM":

@@ -4,7 +4,6 @@ constraint), seeded sampling, graph mode == pynative, and compilations that don'
 import importlib
 
 import numpy as np
-import mindspore.common.api as ms_api
 import pytest
 
 from emu3 import backend, weights
@@ -136,26 +135,18 @@ def test_sampling_is_seeded_well_formed_and_mode_independent(models, rng):
     assert backend.run_mode() == "pynative"  # a per-call mode is restored afterwards
 
 
-def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, torch_reference, rng, monkeypatch):
+def test_graph_greedy_matches_transformers_and_compilations_do_not_grow(models, torch_reference, rng, monkeypatch,
+                                                                      compilations):
     """Graph mode: the decode step compiles once per shape, however many tokens it produces."""
     reference, model = models
     backend.set_run_mode("graph", "CPU")
     monkeypatch.setattr(generate_module, "_CACHE_BUCKET", 16)  # 3 and 40 new tokens: two cache sizes
-    compiled = []
-    compile_ = ms_api._cell_graph_executor.compile
-
-    def counting_compile(*args, **kwargs):
-        phase, fresh = compile_(*args, **kwargs)
-        compiled.append(fresh)
-        return phase, fresh
-
-    monkeypatch.setattr(ms_api._cell_graph_executor, "compile", counting_compile)
     ids, mask = text_prompts(rng, [4, 6])
     counts = []
     for new in (3, 40):
-        compiled.clear()
+        compilations.clear()
         got = generate(model, ids, mask, GenerationConfig(max_new_tokens=new), progress=False)
-        counts.append(sum(compiled))
+        counts.append(sum(compilations))
         expected = reference_generate(torch_reference, reference, ids, mask, new, model.config.eos_token_id)
         np.testing.assert_array_equal(got, expected)
     # Each call: one graph for the prefill, one for the decode step; 40 tokens compile no more than 3.
