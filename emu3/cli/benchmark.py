@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--attn", default="eager", choices=["eager", "flash_attention_2"])
     p.add_argument("--tables", default="vq,t2i,decode,vqa,sft",
-                   help="comma list of vq, t2i, decode, vqa, sft")
+                   help="comma list of vq, t2i, decode, vqa, sft, parallel (parallel row decoding: not by default, "
+                        "it generates a 32x32-token image four times)")
     p.add_argument("--compare-reference", action="store_true",
                    help="also time transformers' Emu3 (PyTorch, CPU) with the same weights and print ratios")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
@@ -515,10 +516,67 @@ class Bench:
             del optimizer
             gc.collect()
 
+    def parallel_table(self):
+        """Parallel row decoding (issue 11): the forward passes of a 90x90-token image, counted from the
+        schedule (the count is tested against the decode loop), and the wall time of a 32x32-token image
+        with CFG, sequential and parallel taking turns in the same run. Greedy, batch 1."""
+        from emu3.generation import GenerationConfig, generate
+        from emu3.generation.parallel_rows import RowSchedule, image_passes
+        a = self.args
+        windows = (4, 8, 16)
+        header = ["image (tokens)", "decoding", "forward passes", "of sequential", "rows per pass (at most)"]
+        sequential = image_passes(90, 90, None)
+        rows = [["90x90", "sequential", sequential, "100%", 1]]
+        for window in windows:
+            schedule = RowSchedule(90, 90, window)
+            rows.append(["90x90", f"window {window}", schedule.passes, f"{100 * schedule.passes / sequential:.1f}%",
+                         schedule.lanes])
+        at_16 = image_passes(90, 90, 16) / sequential
+        part = _table("Parallel row decoding: forward passes (the prefill included)", header, rows)
+
+        model = self.llm()
+        c = model.config
+        h = w = 32
+        new = (w + 1) * h + 3
+        prompt, negative = self._image_prompt(24, h, w), self._image_prompt(40, h, w)
+        outputs = {}
+
+        def generated(window, tokens):
+            config = GenerationConfig(max_new_tokens=tokens, guidance_scale=GUIDANCE, parallel_window=window)
+            outputs[window] = generate(model, prompt, config=config, negative_input_ids=negative, image_size=(h, w),
+                                       progress=False)[0, prompt.shape[1]:]
+
+        settings = (None, *windows)
+        for window in settings:  # the whole image: the cache length, and so the graphs, depend on it
+            generated(window, new)
+        medians = {}
+        compiles = self._count_compiles(lambda: medians.update(_median_seconds(
+            {window: lambda window=window: generated(window, new) for window in settings}, a.repeats, warmup=0)))
+        grid = {window: out[:(w + 1) * h].reshape(h, w + 1) for window, out in outputs.items()}
+        rows = []
+        for window in settings:
+            passes, seconds = image_passes(h, w, window), medians[window]
+            well_formed = ((grid[window][:, :w] > c.eoi_token_id).all() and (grid[window][:, w] == c.eol_token_id).all()
+                           and outputs[window][-3:].tolist() == [c.eof_token_id, c.eoi_token_id, c.eos_token_id])
+            rows.append([self.llm_name, a.dtype, f"{h}x{w}", GUIDANCE, "sequential" if window is None else
+                         f"window {window}", passes, f"{seconds:.1f}", f"{1e3 * seconds / passes:.0f}",
+                         _ratio(medians[None], seconds), "yes" if well_formed else "NO"])
+        part += "\n" + _table("Parallel row decoding: wall time (classifier-free guidance 3.0, greedy, batch 1)",
+                              ["model", "precision", "image (tokens)", "CFG", "decoding", "forward passes", "s",
+                               "ms/pass", "speed-up", "image well formed"], rows)
+        part += (f"\nmedian of {a.repeats} run(s) per setting, the settings taking turns; graph compilations "
+                 f"during the timed runs: {compiles} (an untimed run of each setting compiles first)\n")
+        speed_up = medians[None] / medians[8]
+        targets = [["forward passes of a 90x90-token image at window 16 / sequential", f"{at_16:.3f}", "<= 0.2",
+                    "yes" if at_16 <= 0.2 else "NO"],
+                   ["wall time speed-up of a 32x32-token image with CFG at window 8", f"{speed_up:.2f}", ">= 2.5",
+                    "yes" if speed_up >= 2.5 else "NO"]]
+        return part + "\n" + _table("Targets (issue 11)", ["target", "measured", "goal", "met"], targets)
+
     def run(self):
         self.targets, self.notes = [], []
         tables = {"vq": self.vq_table, "t2i": self.t2i_table, "decode": self.decode_table,
-                  "vqa": self.vqa_table, "sft": self.sft_table}
+                  "vqa": self.vqa_table, "sft": self.sft_table, "parallel": self.parallel_table}
         wanted = [t.strip() for t in self.args.tables.split(",") if t.strip()]
         unknown = sorted(set(wanted) - set(tables))
         if unknown:
