@@ -74,7 +74,7 @@ class RowSchedule:
                 self.fed[p, r % self.lanes] = r * row + p - r * self.lag
         self.fed[0] = -1  # the prefill feeds the prompt
         # The pass that fills each offset's slot (the image token's, offset 0, by the prefill).
-        self.fed_at = np.full(self.length + 1, _NEVER, np.int64)
+        self.fed_at = np.full(self.length + 1, _NEVER, np.int32)
         self.fed_at[0] = 0
         passes = np.broadcast_to(np.arange(self.passes)[:, None], self.fed.shape)
         self.fed_at[self.fed[self.fed >= 0]] = passes[self.fed >= 0]
@@ -203,11 +203,9 @@ def generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos
         return next(w for w in windows if w > slot)
 
     image_slot = prompt_length - 1
-    fed_pass = np.full((rows.shape[0], max_length), _NEVER, np.int64)
+    fed_pass = np.full((rows.shape[0], max_length), _NEVER, np.int32)
     fed_pass[:, :prompt_length] = np.where(row_mask != 0, 0, _NEVER)
-    image = slice(image_slot + 1, image_slot + 1 + schedule.fed_slots)
-    fed_pass[:, image] = schedule.fed_at[1:schedule.fed_slots + 1]
-    fed_pass = np.minimum(fed_pass, _NEVER).astype(np.int32)
+    fed_pass[:, image_slot + 1:image_slot + 1 + schedule.fed_slots] = schedule.fed_at[1:schedule.fed_slots + 1]
     positions = np.clip(np.cumsum(row_mask, 1) - 1, 0, None).astype(np.int32)
     uniforms = (draw_uniforms(config.seed, max_length, batch) if config.do_sample
                 else np.zeros((1, batch), np.float32))
