@@ -11,7 +11,7 @@ from emu3.cli import benchmark
     (["--threads", "two"], "argument --threads: must be an integer >= 1, got 'two'"),
     (["--decode-steps", "-3"], "argument --decode-steps: must be an integer >= 1, got -3"),
     (["--sft-seq-len", "1"], "argument --sft-seq-len: must be an integer >= 2, got 1"),
-    (["--tables", "vq,speed"], "argument --tables: unknown tables ['speed']; choose from vq, t2i, decode, text, vqa, sft"),
+    (["--tables", "vq,speed"], "argument --tables: unknown tables ['speed']; choose from vq, t2i, decode, text, vqa, sft, parallel"),
     (["--positions", "100,-5"], "argument --positions: must be a comma list of positive integers, got '100,-5'"),
     (["--image-tokens", "8x0"], "argument --image-tokens: must be HxW with two positive integers, got '8x0'"),
     (["--vq-resolution", "100x100"], "argument --vq-resolution: must be HxW with two positive integers that are "

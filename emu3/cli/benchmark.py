@@ -48,7 +48,8 @@ TEXT_PROMPT_TOKENS, TEXT_NEW_TOKENS = 128, 48
 _DUMP_PASSES = ("MS_DEV_DUMP_IR_PASSES", "final_actor_set")
 
 
-TABLES = ("vq", "t2i", "decode", "text", "vqa", "sft")
+TABLES = ("vq", "t2i", "decode", "text", "vqa", "sft", "parallel")
+DEFAULT_TABLES = TABLES[:-1]
 
 
 def parse_args(argv=None):
@@ -60,8 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="graph", choices=["pynative", "graph"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--attn", default="eager", choices=["eager", "flash_attention_2"])
-    p.add_argument("--tables", type=_tables, default="vq,t2i,decode,text,vqa,sft",
-                   help="comma list of " + ", ".join(TABLES))
+    p.add_argument("--tables", type=_tables, default=",".join(DEFAULT_TABLES),
+                   help=f"comma list of {', '.join(TABLES)} (default {','.join(DEFAULT_TABLES)}; parallel, parallel "
+                        "row decoding, generates a 32x32-token image four times)")
     p.add_argument("--compare-reference", action="store_true",
                    help="also time transformers' Emu3 (PyTorch, CPU) with the same weights and print ratios")
     p.add_argument("--threads", type=options.integer(low=1), default=os.cpu_count(),
@@ -664,10 +666,67 @@ class Bench:
 
         return step
 
+    def parallel_table(self):
+        """Parallel row decoding (issue 11): the forward passes of a 90x90-token image, counted from the
+        schedule (the count is tested against the decode loop), and the wall time of a 32x32-token image
+        with CFG, sequential and parallel taking turns in the same run. Greedy, batch 1."""
+        from emu3.generation import GenerationConfig, generate
+        from emu3.generation.parallel_rows import RowSchedule, image_passes
+        a = self.args
+        windows = (4, 8, 16)
+        header = ["image (tokens)", "decoding", "forward passes", "of sequential", "rows per pass (at most)"]
+        sequential = image_passes(90, 90, None)
+        rows = [["90x90", "sequential", sequential, "100%", 1]]
+        for window in windows:
+            schedule = RowSchedule(90, 90, window)
+            rows.append(["90x90", f"window {window}", schedule.passes, f"{100 * schedule.passes / sequential:.1f}%",
+                         schedule.lanes])
+        at_16 = image_passes(90, 90, 16) / sequential
+        part = _table("Parallel row decoding: forward passes (the prefill included)", header, rows)
+
+        model = self.llm()
+        c = model.config
+        h = w = 32
+        new = (w + 1) * h + 3
+        prompt, negative = self._image_prompt(24, h, w), self._image_prompt(40, h, w)
+        outputs = {}
+
+        def generated(window, tokens):
+            config = GenerationConfig(max_new_tokens=tokens, guidance_scale=GUIDANCE, parallel_window=window)
+            outputs[window] = generate(model, prompt, config=config, negative_input_ids=negative, image_size=(h, w),
+                                       progress=False)[0, prompt.shape[1]:]
+
+        settings = (None, *windows)
+        # Untimed runs compile every graph first. Sequential decoding sizes its cache (and so its graphs)
+        # by max_new_tokens, so it needs the whole image; parallel decoding sizes it by the image.
+        for window in settings:
+            generated(window, new if window is None else 300)
+        medians = {}
+        compiles = self._count_compiles(lambda: medians.update(_median_seconds(
+            {window: lambda window=window: generated(window, new) for window in settings}, a.repeats, warmup=0)))
+        grid = {window: out[:(w + 1) * h].reshape(h, w + 1) for window, out in outputs.items()}
+        rows = []
+        for window in settings:
+            passes, seconds = image_passes(h, w, window), medians[window]
+            well_formed = ((grid[window][:, :w] > c.eoi_token_id).all() and (grid[window][:, w] == c.eol_token_id).all()
+                           and outputs[window][-3:].tolist() == [c.eof_token_id, c.eoi_token_id, c.eos_token_id])
+            rows.append([self.llm_name, a.dtype, f"{h}x{w}", GUIDANCE, "sequential" if window is None else
+                         f"window {window}", passes, f"{seconds:.1f}", f"{1e3 * seconds / passes:.0f}",
+                         _ratio(medians[None], seconds), "yes" if well_formed else "NO"])
+        part += "\n" + _table("Parallel row decoding: wall time (classifier-free guidance 3.0, greedy, batch 1)",
+                              ["model", "precision", "image (tokens)", "CFG", "decoding", "forward passes", "s",
+                               "ms/pass", "speed-up", "image well formed"], rows)
+        part += (f"\nmedian of {a.repeats} run(s) per setting, the settings taking turns; graph compilations "
+                 f"during the timed runs: {compiles} (untimed runs compile first)\n")
+        self.targets += [("11", "forward passes of a 90x90-token image at window 16 / sequential <= 0.2", at_16, 0.2),
+                         ("11", "wall time speed-up of a 32x32-token image with CFG at window 8 >= 2.5",
+                          medians[None] / medians[8], 2.5)]
+        return part
+
     def run(self):
         self.targets, self.notes = [], []
         tables = {"vq": self.vq_table, "t2i": self.t2i_table, "decode": self.decode_table, "text": self.text_table,
-                  "vqa": self.vqa_table, "sft": self.sft_table}
+                  "vqa": self.vqa_table, "sft": self.sft_table, "parallel": self.parallel_table}
         wanted = [t.strip() for t in self.args.tables.split(",") if t.strip()]
         parts = [_header(self.args)]
         output = Path(self.args.output)

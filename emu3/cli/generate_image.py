@@ -22,6 +22,7 @@ from emu3.cli.errors import command
 from emu3.cli.loading import add_model_arguments, check_model_arguments, load, read_configs
 from emu3.cli.outputs import check_directory, locked, refuse_directories, save_image
 from emu3.generation.generate import GenerationConfig, generate
+from emu3.generation.parallel_rows import image_passes
 from emu3.mllm.processor import generation_size, image_tokens_to_generate
 from emu3.weights import atomic_open
 
@@ -47,6 +48,11 @@ def parse_args(argv=None):
                    help=f"appended to every prompt (default {POSITIVE_SUFFIX!r}; '' for none)")
     options.add_sampling_arguments(p, top_k=2048)
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token instead of sampling")
+    p.add_argument("--parallel-window", type=options.integer(low=1), metavar="W",
+                   help="decode image rows in parallel (ZipAR): a row starts once the row above has W tokens, and "
+                        "each forward pass adds one token to every started row; (H-1)*min(W, width) + width passes "
+                        "instead of (width+1)*H + 3 (docs/generation.md: how to choose W). Default: off, one token "
+                        "per pass (BAAI's behaviour)")
     p.add_argument("--batch-size", type=options.integer(low=1), default=1,
                    help="prompts generated together (default 1; each row with CFG holds two KV caches)")
     p.add_argument("--output-dir", default="outputs", help="where the PNG files go (default outputs/)")
@@ -76,6 +82,7 @@ def main(argv=None) -> list[Path]:
         max_new_tokens=image_tokens_to_generate(h, w), do_sample=not args.greedy, top_k=args.top_k,
         top_p=args.top_p, temperature=args.temperature, seed=args.seed, guidance_scale=args.guidance_scale,
         eos_token_id=llm_config.eos_token_id, pad_token_id=llm_config.pad_token_id,
+        parallel_window=args.parallel_window,
     )
     gen_config.validate()
     out_dir = Path(args.output_dir)
@@ -101,7 +108,7 @@ def _generate_all(args, prompts, paths, size, image_area, gen_config) -> list[Pa
     meta = {"prompts": prompts, "files": [], "finished": False, "ratio": args.ratio, "image_area": image_area,
             "tokens": [h, w], "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
             "temperature": args.temperature, "greedy": args.greedy, "seed": args.seed,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "parallel_window": args.parallel_window}
     if is_demo:
         meta["random_demo_weights"] = True
     # generation.json always describes this run: the files finished so far, and whether all are.
@@ -126,7 +133,15 @@ def _generate_all(args, prompts, paths, size, image_area, gen_config) -> list[Pa
             meta["files"].append(path.name)
             _write_meta(out_dir, meta)
             print(f"{path}  <- {prompt!r}")
-    meta.update(finished=True, seconds=round(time.perf_counter() - start, 2))
+    seconds = time.perf_counter() - start
+    # One generation per batch; with guidance each pass runs both branches.
+    batches = -(-len(prompts) // args.batch_size)
+    passes = batches * image_passes(h, w, args.parallel_window)
+    sequential = batches * image_passes(h, w, None)
+    decoding = ("one token per pass" if args.parallel_window is None
+                else f"rows in parallel, window {args.parallel_window}; sequential decoding: {sequential}")
+    print(f"{len(written)} image(s) in {seconds:.1f} s: {passes} forward passes ({decoding})", file=sys.stderr)
+    meta.update(finished=True, seconds=round(seconds, 2), forward_passes=passes)
     _write_meta(out_dir, meta)
     if is_demo:
         print("NOTE: these images come from RANDOM demo weights and are noise.", file=sys.stderr)

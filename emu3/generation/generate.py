@@ -53,6 +53,9 @@ class GenerationConfig:
     mode: "pynative" or "graph" for this call; None follows the current MindSpore context.
     guidance_scale: classifier-free guidance strength (Emu3-Gen uses 3.0); needs negative prompts.
     seed: drives sampling (same seed, same tokens); None draws a fresh one.
+    parallel_window: None decodes one token per forward pass (BAAI's behaviour). An int w turns on
+        parallel row decoding for images (emu3.generation.parallel_rows): row r of the image starts
+        once row r-1 has w tokens, and every pass decides one token in each started row.
     """
 
     max_new_tokens: int = 256
@@ -65,6 +68,7 @@ class GenerationConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     mode: str | None = None
+    parallel_window: int | None = None
 
     def validate(self) -> None:
         """Refuse values that would run silently wrong: NaN or infinite numbers, fractions where a
@@ -82,6 +86,8 @@ class GenerationConfig:
             raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if self.mode not in (None, *backend.MODES):
             raise ValueError(f"mode must be None, 'pynative' or 'graph', got {self.mode!r}")
+        if self.parallel_window is not None:
+            checks.integer("parallel_window (None: sequential decoding)", self.parallel_window, low=1)
 
     @property
     def guided(self) -> bool:
@@ -116,10 +122,12 @@ class GenerationStep(nn.Cell):
     def construct(self, input_ids, position_ids, cache_position, attention_mask, step, unfinished, forced, uniforms,
                   window, kind):
         """`forced`: (steps, B) table of constraints.forced_tokens (read at `step`) for image steps;
-        `kind`: TEXT, VISUAL_STEP or FORCED_STEP, a Python constant."""
+        `uniforms`: (steps, B) sampling uniforms (read at `step`); `kind`: TEXT, VISUAL_STEP or
+        FORCED_STEP, a Python constant."""
+        row_uniforms = ops.gather(uniforms, step, 0)[0] if self.do_sample else None
         if kind == TEXT:
-            tokens = self._choose(self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask,
-                                                            self.cache, window), step, uniforms)
+            tokens = self.choose(self.model.forward_cached(input_ids, position_ids, cache_position, attention_mask,
+                                                           self.cache, window), row_uniforms)
         else:
             hidden = self.model.hidden_cached(input_ids, position_ids, cache_position, attention_mask, self.cache,
                                               window)
@@ -127,8 +135,7 @@ class GenerationStep(nn.Cell):
             # drop their cache writes with them.
             tokens = ops.depend(ops.gather(forced, step, 0)[0], hidden)
             if kind == VISUAL_STEP:
-                chosen = self.visual_head.first + self._choose(self.visual_head(hidden), step, uniforms)
-                tokens = ops.where(tokens == VISUAL, chosen, tokens)
+                tokens = ops.where(tokens == VISUAL, self.visual_tokens(hidden, row_uniforms), tokens)
         tokens = ops.where(unfinished, tokens, self.pad_token_id)
         unfinished = ops.logical_and(unfinished, tokens != self.eos_token_id)
         next_ids = tokens[:, None]
@@ -136,24 +143,34 @@ class GenerationStep(nn.Cell):
             next_ids = ops.concat((next_ids, next_ids), 0)
         return tokens, next_ids, position_ids[:, -1:] + 1, cache_position[-1:] + 1, step + 1, unfinished
 
-    def _choose(self, logits, step, uniforms):
-        """Guidance, then argmax or sampling over the columns of `logits` (B or 2B rows): column ids."""
+    def choose(self, logits, uniforms):
+        """Guidance, then argmax or sampling (one uniform per row, (N,); None for greedy) over the
+        columns of `logits` ((N, C), or with guidance (2N, C): conditional rows first): column ids."""
         scores = logits
         if self.guidance_scale is not None:
             scores = classifier_free_guidance(scores, self.guidance_scale)
         if not self.do_sample:
             return greedy(scores)
-        return sample(apply_temperature(scores, self.temperature), ops.gather(uniforms, step, 0)[0], self.top_k,
-                      self.top_p)
+        return sample(apply_temperature(scores, self.temperature), uniforms, self.top_k, self.top_p)
+
+    def visual_tokens(self, hidden, uniforms):
+        """The visual token chosen from each row's last hidden state ((N or 2N, hidden))."""
+        return self.visual_head.first + self.choose(self.visual_head(hidden), uniforms)
 
 
 def _step_for(model, config, constrained, eos, pad, rows, max_length) -> GenerationStep:
+    """The step for these settings, ready for a new generation: its cache emptied and, for an
+    image, its visual rows copied from the model's current lm_head."""
     key = (id(model), config.guidance_scale if config.guided else None, constrained, config.do_sample,
            config.temperature, config.top_k, config.top_p, eos, pad, rows, max_length)
     if key not in _LAST_STEP:
         _LAST_STEP.clear()  # first, so the old cache is freed before the new one is allocated
         _LAST_STEP[key] = GenerationStep(model, model.init_cache(rows, max_length), config, constrained, eos, pad)
-    return _LAST_STEP[key]
+    step = _LAST_STEP[key]
+    step.cache.reset()
+    if constrained:
+        step.visual_head.load(model.lm_head.weight)
+    return step
 
 
 def _as_prompt(ids, mask, name: str, vocab_size: int):
@@ -196,6 +213,41 @@ def _image_sizes(image_size, batch: int):
     return sizes.astype(np.int32)
 
 
+def _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, pad, vocab_size):
+    """The checked prompts (B, L) and the rows of one forward: the prompts, then with guidance the
+    negative prompts, all left padded to one length (rows (R, L) and their attention mask)."""
+    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids", vocab_size)
+    batch = ids.shape[0]
+    if config.guided:
+        if negative_input_ids is None:
+            raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
+                             f"prompts, built with the processor in mode 'G' like the prompts).")
+        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids",
+                                       vocab_size)
+        if neg_ids.shape[0] != batch:
+            raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
+                             f"negative prompt per prompt.")
+        length = max(ids.shape[1], neg_ids.shape[1])
+        ids, mask = _left_pad(ids, mask, length, pad)
+        neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
+        return ids, np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
+    if negative_input_ids is not None:
+        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
+                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
+    return ids, ids, mask
+
+
+def _bucketed(rows, row_mask, slots: int, context: int, pad: int):
+    """Rows left padded to a bucketed length and a cache length for `slots` slots after them:
+    calls with nearby lengths reuse the compiled graphs. Extra prompt columns are masked padding;
+    extra cache slots are never reached. Returns rows, mask, prompt length, cache length."""
+    prompt_length = _round_up(rows.shape[1], _PROMPT_BUCKET)
+    if prompt_length + slots > context:
+        prompt_length = rows.shape[1]
+    rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
+    return rows, row_mask, prompt_length, min(_round_up(prompt_length + slots, _CACHE_BUCKET), context)
+
+
 def generate(model, input_ids, attention_mask=None, config: GenerationConfig | None = None,
              negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True):
     """Generate up to `config.max_new_tokens` tokens after each (left-padded) prompt.
@@ -228,39 +280,19 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
                          else config.eos_token_id, low=0, high=last_id)
     pad = checks.integer("pad_token_id", model_config.pad_token_id if config.pad_token_id is None
                          else config.pad_token_id, low=0, high=last_id)
-    ids, mask = _as_prompt(input_ids, attention_mask, "input_ids", model_config.vocab_size)
+    ids, rows, row_mask = _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
+                                       pad, model_config.vocab_size)
     batch = ids.shape[0]
-    if config.guided:
-        if negative_input_ids is None:
-            raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
-                             f"prompts, built with the processor in mode 'G' like the prompts).")
-        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids",
-                                       model_config.vocab_size)
-        if neg_ids.shape[0] != batch:
-            raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
-                             f"negative prompt per prompt.")
-        length = max(ids.shape[1], neg_ids.shape[1])
-        ids, mask = _left_pad(ids, mask, length, pad)
-        neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
-        rows, row_mask = np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
-    elif negative_input_ids is not None:
-        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
-                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
-    else:
-        rows, row_mask = ids, mask
-
     new = int(config.max_new_tokens)
     if rows.shape[1] + new > model_config.max_position_embeddings:
         raise ValueError(f"prompt ({rows.shape[1]}) + max_new_tokens ({new}) = {rows.shape[1] + new} exceeds the "
                          f"model's context window max_position_embeddings={model_config.max_position_embeddings}.")
-    # Shapes rounded up to buckets: calls with nearby lengths reuse the compiled graphs. Extra prompt
-    # columns are masked padding; extra cache slots are never reached.
-    context = model_config.max_position_embeddings
-    prompt_length = _round_up(rows.shape[1], _PROMPT_BUCKET)
-    if prompt_length + new > context:
-        prompt_length = rows.shape[1]
-    rows, row_mask = _left_pad(rows, row_mask, prompt_length, pad)
-    max_length = min(_round_up(prompt_length + new, _CACHE_BUCKET), context)
+    if config.parallel_window is not None:
+        from emu3.generation import parallel_rows  # imported here: it builds on this module
+        return parallel_rows.generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos, pad,
+                                           progress)
+    rows, row_mask, prompt_length, max_length = _bucketed(rows, row_mask, new, model_config.max_position_embeddings,
+                                                          pad)
 
     # Tables with one row per cache slot (a bucketed shape); row t is read by the t-th new token.
     constrained = image_size is not None
@@ -276,9 +308,6 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
                 else np.zeros((1, batch), np.float32))
 
     step = _step_for(model, config, constrained, eos, pad, rows.shape[0], max_length)
-    step.cache.reset()
-    if constrained:
-        step.visual_head.load(model.lm_head.weight)
     windows = backend.cache_windows(max_length)
     full_mask = ms.Tensor(np.concatenate([row_mask, np.ones((rows.shape[0], max_length - prompt_length), np.int32)],
                                          1))

@@ -59,6 +59,10 @@ def sample(scores, uniforms, top_k: int | None, top_p: float):
     vocab = scores.shape[-1]
     k = vocab if not top_k else min(top_k, vocab)
     values, indices = ops.topk(scores, k)
+    # A row with no candidate at all (every score -inf: where the image constraint forces a
+    # non-visual token, whose sample is discarded) must not reach softmax as is: MindSpore 2.7's
+    # CPU softmax then silently corrupts the OTHER rows of the batch. Such a row samples uniformly.
+    values = ops.where(ops.narrow(values, -1, 0, 1) > NEG_INF, values, 0.0)
     if top_p < 1.0:
         probs = ops.softmax(values, -1)
         # Mass at or below each candidate (ascending cumulative sum read from the best-first list).

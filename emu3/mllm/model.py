@@ -376,17 +376,23 @@ class Emu3ForCausalLM(nn.Cell):
         return kv_cache.KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim,
                                 self.dtype)
 
-    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
-        """`hidden_cached` and the lm_head: the last position's logits (B, V) fp32."""
+    def forward_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None,
+                       all_positions=False):
+        """`hidden_cached` and the lm_head: the logits (B, V) fp32 of the last position, or with
+        all_positions=True of every position (B, L, V) (parallel row decoding scores several tokens
+        per pass)."""
         return self.lm_head(self.hidden_cached(input_ids, position_ids, cache_position, attention_mask, cache,
-                                               window)).astype(ms.float32)
+                                               window, all_positions)).astype(ms.float32)
 
-    def hidden_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None):
+    def hidden_cached(self, input_ids, position_ids, cache_position, attention_mask, cache, window=None,
+                      all_positions=False):
         """Run L new tokens against the cache (their keys and values are written into it in place):
-        returns the last position's hidden state (B, hidden) after the final norm.
+        returns the last position's hidden state (B, hidden) after the final norm, or every
+        position's (B, L, hidden) with all_positions=True.
 
         input_ids, position_ids (B, L) int32; cache_position (L,) int32 = the empty slots they go
-        to, all below `window` (an int: attention reads only the first `window` slots; default all);
+        to, all below `window` (an int: attention reads only the first `window` slots; default all;
+        a token written at or above `window` is seen by no query);
         attention_mask (B, max_length) int32, 1 where a slot holds a real token. In GRAPH mode
         call it from a Cell that holds the cache (KVCache is a Cell of Parameters, not a graph input)
         and give `window` as a Python int: each value is its own graph.
@@ -403,7 +409,7 @@ class Emu3ForCausalLM(nn.Cell):
             attention_mask = ops.slice(attention_mask, (0, 0), (batch, window))
         mask = _cached_mask(attention_mask, cache_position)
         hidden_states = self.model(input_ids, position_ids, mask, cache, cache_position, window)
-        return hidden_states[:, -1]
+        return hidden_states if all_positions else hidden_states[:, -1]
 
     @classmethod
     def from_pretrained(cls, directory, dtype="fp32", attn_implementation: str = "eager") -> "Emu3ForCausalLM":

@@ -79,6 +79,19 @@ def test_sample_frequencies_match_probabilities(rng):
     np.testing.assert_allclose(np.bincount(got, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_row_without_candidates_leaves_the_other_rows_alone(rng, run_mode, top_p):
+    """A row whose scores are all -inf (the constraint forces a non-visual token there) once made
+    MindSpore's CPU softmax corrupt the other rows' samples: each row must sample as if alone."""
+    x = _logits(rng, rows=4)
+    u = sampling.draw_uniforms(2, 1, 4)[0]
+    alone = [sampling.sample(ms.Tensor(x[i:i + 1]), ms.Tensor(u[i:i + 1]), 20, top_p).asnumpy()[0] for i in (1, 3)]
+    x[[0, 2]] = -np.inf
+    got = sampling.sample(ms.Tensor(x), ms.Tensor(u), 20, top_p).asnumpy()
+    assert got[[1, 3]].tolist() == alone
+    assert ((got >= 0) & (got < x.shape[1])).all()
+
+
 def test_uniforms_are_seeded():
     assert np.array_equal(sampling.draw_uniforms(5, 4, 2), sampling.draw_uniforms(5, 4, 2))
     assert not np.array_equal(sampling.draw_uniforms(5, 4, 2), sampling.draw_uniforms(6, 4, 2))

@@ -64,6 +64,7 @@ def refused(main, args, directory, capsys) -> str:
     (generate_image.main, ["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
     (generate_image.main, ["--seed", "1.5"], "argument --seed: must be an integer >= 0, got '1.5'"),
     (generate_image.main, ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (generate_image.main, ["--parallel-window", "0"], "argument --parallel-window: must be an integer >= 1, got 0"),
     (generate_image.main, ["--image-area", "big"], "argument --image-area: must be an integer >= 1, got 'big'"),
     (generate_image.main, ["--image-area", "100000000"], "cannot fit the model's context window of 9216 tokens"),
     (generate_image.main, ["--ratio", "16/9"], "ratio must be 'W:H'"),

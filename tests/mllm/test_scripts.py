@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from emu3 import demo
+from emu3.cli import generate_image
 from emu3.cli.generate_image import NEGATIVE_PROMPT, POSITIVE_SUFFIX
 from emu3.mllm.model import Emu3ForCausalLM
 from emu3.mllm.processor import Emu3Processor
@@ -152,6 +153,18 @@ def test_infer_img_gen_script_on_demo(demo_dir, pipeline, tmp_path):
         produced = Image.open(path)
         assert produced.size == expected.size == (8 * w, 8 * h)
         assert np.abs(np.asarray(produced, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+
+
+def test_infer_img_gen_with_parallel_rows_records_its_passes(demo_dir, tmp_path, monkeypatch, capsys):
+    """--parallel-window: the demo's 8x8-token image in (8-1)*2 + 8 = 22 passes instead of 75; the
+    progress bar counts the 75 tokens, the summary and generation.json the passes."""
+    monkeypatch.chdir(tmp_path)
+    written = generate_image.main(["--parallel-window", "2", "--prompt", "fog", "--output-dir", "out"])
+    assert [p.name for p in written] == ["000_fog.png"] and Image.open(written[0]).size == (64, 64)
+    meta = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert meta["tokens"] == [8, 8] and meta["parallel_window"] == 2 and meta["forward_passes"] == 22
+    err = capsys.readouterr().err
+    assert "75/75" in err and "22 forward passes (rows in parallel, window 2; sequential decoding: 75)" in err
 
 
 def test_infer_vqa_script_on_demo(demo_dir, pipeline, tmp_path):
