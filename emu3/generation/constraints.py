@@ -6,7 +6,8 @@ What is allowed depends only on the offset of the next token from the prompt's i
 (w+1)h+1 -> eof; +2 -> eoi; +3 -> eos; beyond -> pad; otherwise one of the 32768 visual tokens.
 
 `build_prefix_constraint` is that rule as a python `prefix_allowed_tokens_fn(batch_id, input_ids)`
-(transformers' convention; the reference in tests and what the processor hands out).
+(transformers' convention; the reference in tests and what the processor hands out); it carries its
+image sizes, so transformers-style `generate` recognises it and runs the device version instead.
 `ImagePrefixConstraint` is the same rule on the device for the decode loop: the offset of each row
 selects one of six precomputed additive masks, so a step costs one gather and one add.
 """
@@ -53,33 +54,72 @@ def _offset_class(offset: int, height: int, width: int) -> int:
     return _VISUAL
 
 
-def build_prefix_constraint(height: int, width: int, config):
-    """A `prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]` for an h x w token image.
+class ImagePrefixAllowedTokens:
+    """`prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]` for h x w token images.
 
-    `input_ids` is one row so far (prompt + generated, numpy or torch); its first image token marks
-    where the image starts. The returned lists are shared: don't modify them.
+    `heights` / `widths`: one size for every row, or one per row (BAAI's convention: a sequence of
+    length 1 applies to every row). `input_ids` is one row so far (prompt + generated, numpy, MindSpore
+    or torch); its first image token marks where the image starts. The returned lists are shared:
+    don't modify them. `image_sizes(batch)` tells the decode loop the sizes, so it can run the same
+    rule on the device instead of calling this per row and token.
     """
-    _check_image_size(height, width)
-    allowed = {
-        _VISUAL: visual_token_ids(config).tolist(),
-        _EOL: [config.eol_token_id],
-        _EOF: [config.eof_token_id],
-        _EOI: [config.eoi_token_id],
-        _EOS: [config.eos_token_id],
-        _PAD: [config.pad_token_id],
-    }
 
-    def prefix_allowed_tokens_fn(batch_id, input_ids):
-        ids = np.asarray(input_ids)
-        where = np.flatnonzero(ids == config.img_token_id)
+    def __init__(self, heights, widths, config):
+        self.heights, self.widths = _sizes(heights, "height"), _sizes(widths, "width")
+        if self.heights.size != self.widths.size:
+            raise ValueError(f"give as many heights as widths, got {self.heights.size} and {self.widths.size}")
+        for h, w in zip(self.heights, self.widths):
+            _check_image_size(h, w)
+        self.img_token_id = config.img_token_id
+        self.token_ids = constraint_token_ids(config)
+        self.allowed = {
+            _VISUAL: visual_token_ids(config).tolist(),
+            _EOL: [config.eol_token_id],
+            _EOF: [config.eof_token_id],
+            _EOI: [config.eoi_token_id],
+            _EOS: [config.eos_token_id],
+            _PAD: [config.pad_token_id],
+        }
+
+    def image_sizes(self, batch: int) -> np.ndarray:
+        """(batch, 2) int32 (height, width) of each row."""
+        if self.heights.size not in (1, batch):
+            raise ValueError(f"the prefix constraint has {self.heights.size} image sizes for {batch} rows: give "
+                             f"one size, or one per row")
+        sizes = np.stack([self.heights, self.widths], 1)
+        return np.broadcast_to(sizes, (batch, 2)).astype(np.int32)
+
+    def __call__(self, batch_id, input_ids):
+        ids = input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else np.asarray(input_ids)
+        where = np.flatnonzero(ids == self.img_token_id)
         if where.size == 0:
             raise ValueError(
-                f"row {batch_id} has no image token ({config.img_token_id}): the image constraint needs a "
+                f"row {batch_id} has no image token ({self.img_token_id}): the image constraint needs a "
                 f"generation prompt ending in boi, 'H*W', img (the processor's mode 'G')."
             )
-        return allowed[_offset_class(ids.shape[0] - int(where[0]), height, width)]
+        row = int(batch_id) if self.heights.size > 1 else 0
+        height, width = int(self.heights[row]), int(self.widths[row])
+        return self.allowed[_offset_class(ids.shape[0] - int(where[0]), height, width)]
 
-    return prefix_allowed_tokens_fn
+
+def constraint_token_ids(config) -> tuple:
+    """The ids the constraint depends on (the visual ones follow eoi): two configs with the same
+    tuple constrain alike."""
+    return (config.img_token_id, config.eol_token_id, config.eof_token_id, config.eoi_token_id, config.eos_token_id,
+            config.pad_token_id)
+
+
+def _sizes(values, name: str) -> np.ndarray:
+    values = values.asnumpy() if hasattr(values, "asnumpy") else np.asarray(values)
+    if values.ndim > 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"image {name} must be an integer or a sequence of integers (one per row), "
+                         f"got {values.tolist()}")
+    return values.reshape(-1).astype(np.int64)
+
+
+def build_prefix_constraint(height, width, config) -> ImagePrefixAllowedTokens:
+    """A `prefix_allowed_tokens_fn` forcing an h x w token image (or one size per row)."""
+    return ImagePrefixAllowedTokens(height, width, config)
 
 
 def image_start_offsets(input_ids: np.ndarray, img_token_id: int) -> np.ndarray:
