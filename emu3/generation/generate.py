@@ -172,7 +172,8 @@ def _image_sizes(image_size, batch: int):
 
 
 def generate(model, input_ids, attention_mask=None, config: GenerationConfig | None = None,
-             negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True):
+             negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True,
+             callback=None):
     """Generate up to `config.max_new_tokens` tokens after each (left-padded) prompt.
 
     Returns np.ndarray (B, L + n): the prompts followed by the generated ids, n <= max_new_tokens
@@ -180,23 +181,26 @@ def generate(model, input_ids, attention_mask=None, config: GenerationConfig | N
     `image_size=(h, w)` (tokens; or one pair per row) constrains the output to an h x w image after
     each prompt's image token. `negative_input_ids` with `config.guidance_scale` turn on
     classifier-free guidance; the negative prompts are built like the prompts (mode "G").
+    `callback(new_ids)` is called with the (B, n) ids generated so far each time the host fetches
+    them (every `_FETCH_EVERY` tokens, and at the end); if it returns True, generation stops there
+    and the ids so far are returned (a stop button, streaming previews).
     """
     config = config or GenerationConfig()
     config.validate()
     if config.mode is None:
         return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                         image_size, progress)
+                         image_size, progress, callback)
     previous = backend.run_mode()
     backend.set_run_mode(config.mode)
     try:
         return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                         image_size, progress)
+                         image_size, progress, callback)
     finally:
         backend.set_run_mode(previous)
 
 
 def _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, image_size,
-              progress):
+              progress, callback):
     model_config = model.config
     eos = model_config.eos_token_id if config.eos_token_id is None else int(config.eos_token_id)
     pad = model_config.pad_token_id if config.pad_token_id is None else int(config.pad_token_id)
@@ -269,14 +273,17 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
             pending.append(tokens)
             if len(pending) == _FETCH_EVERY or index == new - 1:
                 chunk = ops.stack(pending, 1).asnumpy()
+                pending = []
                 generated[:, done:done + chunk.shape[1]] = chunk
+                fetched = chunk.shape[1]
                 for offset in range(chunk.shape[1]):
                     finished |= chunk[:, offset] == eos
                     if finished.all():
-                        done += offset + 1
-                        bar.update(offset + 1)
-                        return np.concatenate([np.asarray(input_ids), generated[:, :done]], 1)
-                done += chunk.shape[1]
-                bar.update(chunk.shape[1])
-                pending = []
+                        fetched = offset + 1
+                        break
+                done += fetched
+                bar.update(fetched)
+                stop = callback is not None and callback(generated[:, :done])
+                if stop or finished.all():
+                    return np.concatenate([np.asarray(input_ids), generated[:, :done]], 1)
     return np.concatenate([np.asarray(input_ids), generated], 1)
