@@ -137,8 +137,12 @@ def test_decode_turns_generated_ids_into_images(processor, tok, vq, image_proces
     assert parts[1].size == (8 * w, 8 * h)
     np.testing.assert_array_equal(np.asarray(parts[1]), np.asarray(expected))
 
-    clean = processor.batch_decode(ids[None])[0]
-    assert clean[0] == "a cat" and isinstance(clean[1], Image.Image) and len(clean) == 2
+    # BAAI's conventions: batch_decode is decode per row; skip_special_tokens=True gives the text
+    # alone (the visual tokens are special tokens too; the "H*W" header is ordinary text).
+    [again] = processor.batch_decode(ids[None])
+    assert [type(p) for p in again] == [str, Image.Image, str] and again[0] == parts[0]
+    assert processor.batch_decode(ms.Tensor(ids[None]), skip_special_tokens=True) == [f"a cat{h}*{w}"]
+    assert processor.decode(ids, skip_special_tokens=True) == f"a cat{h}*{w}"
 
     short = np.concatenate([prompt["input_ids"][0], generated[:w + 1 + 2]])  # cut inside row 2
     with pytest.raises(ValueError, match="complete grid"):
