@@ -2,48 +2,27 @@
 
 Each runs a command's `main()` and exits with status 0 when it returns: the mains return their
 results (files written, answers) for Python callers, which a console script must not hand to
-sys.exit (a non-None value there means failure). Imports happen per command, so one command does
-not pay for another's.
+sys.exit (a non-None value there means failure). Each command imports its module when it runs, so
+one command does not pay for another's imports.
 """
 
 import importlib
 
 
-def _run(module: str) -> None:
-    importlib.import_module(module).main()
+def _command(module: str):
+    def run() -> None:
+        importlib.import_module(module).main()
+
+    run.module = module
+    return run
 
 
-def generate() -> None:
-    _run("emu3.cli.generate_image")
-
-
-def vqa() -> None:
-    _run("emu3.cli.vqa")
-
-
-def reconstruct() -> None:
-    _run("emu3.cli.reconstruct")
-
-
-def benchmark() -> None:
-    _run("emu3.cli.benchmark")
-
-
-def web_demo() -> None:
-    _run("emu3.web.app")
-
-
-def prepare_vision_data() -> None:
-    _run("train.prepare_vision_data")
-
-
-def prepare_vqa_data() -> None:
-    _run("train.prepare_vqa_data")
-
-
-def merge_zero_shards() -> None:
-    _run("train.merge_zero_shards")
-
-
-def sft() -> None:
-    _run("train.sft")
+generate = _command("emu3.cli.generate_image")
+vqa = _command("emu3.cli.vqa")
+reconstruct = _command("emu3.cli.reconstruct")
+benchmark = _command("emu3.cli.benchmark")
+web_demo = _command("emu3.web.app")
+prepare_vision_data = _command("train.prepare_vision_data")
+prepare_vqa_data = _command("train.prepare_vqa_data")
+merge_zero_shards = _command("train.merge_zero_shards")
+sft = _command("train.sft")
