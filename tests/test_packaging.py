@@ -8,9 +8,9 @@ package"): it downloads MindSpore, too slow for every CI run."""
 import ast
 import importlib
 import importlib.metadata
-import sys
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 

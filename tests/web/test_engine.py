@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emu3 import demo
 from emu3.cli import generate_image, vqa
 from emu3.cli.loading import load
 from emu3.web.engine import Engine
