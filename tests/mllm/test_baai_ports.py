@@ -94,3 +94,21 @@ def test_baai_multimodal_understanding_port_equals_our_script(hub, tmp_path):
                          "--max-new-tokens", "320", "--output", str(tmp_path / "answers.jsonl")])
     assert printed == record["answer"] + "\n"
     assert namespace["outputs"].shape[1] == 320  # random weights never say eos
+
+
+def test_loaders_refuse_what_this_port_cannot_do(hub):
+    from emu3.transformers_compat import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    with pytest.raises(ValueError, match="CUDA is not supported"):
+        AutoModelForCausalLM.from_pretrained("BAAI/Emu3-Gen", device_map="cuda:0")
+    with pytest.raises(ValueError, match="MindSpore runs on CPU"):
+        AutoModelForCausalLM.from_pretrained("BAAI/Emu3-Gen", device_map="npu:0")
+    with pytest.raises(ValueError, match="torch_dtype must be"):
+        AutoModelForCausalLM.from_pretrained("BAAI/Emu3-Gen", torch_dtype="int8")
+    with pytest.raises(ValueError, match="bf16 matmul/conv have no CPU kernel"):
+        AutoModelForCausalLM.from_pretrained("BAAI/Emu3-Gen", torch_dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['revision'\]"):
+        AutoTokenizer.from_pretrained("BAAI/Emu3-Gen", revision="main")
+    with pytest.raises(ValueError, match="load the language model with AutoModelForCausalLM"):
+        AutoModel.from_pretrained("BAAI/Emu3-Gen")
+    assert AutoTokenizer.from_pretrained("BAAI/Emu3-Gen", trust_remote_code=True).padding_side == "left"
