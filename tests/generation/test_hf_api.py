@@ -69,13 +69,18 @@ def test_baai_image_generation_call_matches_transformers_on_the_fast_path(models
     assert isinstance(got, ms.Tensor)
     np.testing.assert_array_equal(got.asnumpy(), expected)
 
-    # transformers' own processor classes (holding our model) are recognised too, without torch at run time.
-    _, generation = tf
+    # transformers' own config and processor classes (holding our model) are recognised too, without
+    # torch at run time.
+    transformers, generation = tf
     theirs = generation.LogitsProcessorList([
         generation.UnbatchedClassifierFreeGuidanceLogitsProcessor(
             3.0, model, unconditional_ids=torch_reference.from_numpy(negative)),
         generation.PrefixConstrainedLogitsProcessor(fn, num_beams=1)])
-    np.testing.assert_array_equal(model.generate(ids, config, logits_processor=theirs, attention_mask=mask), expected)
+    their_config = transformers.GenerationConfig(use_cache=True, eos_token_id=model.config.eos_token_id,
+                                                 pad_token_id=model.config.pad_token_id, max_new_tokens=40960,
+                                                 do_sample=False)
+    np.testing.assert_array_equal(model.generate(ids, their_config, logits_processor=theirs, attention_mask=mask),
+                                  expected)
     assert paths == ["fast", "fast"]
 
 
