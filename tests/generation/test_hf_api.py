@@ -184,20 +184,18 @@ def test_host_path_equals_fast_path(models, rng, paths):
         fast = model.generate(ids, attention_mask=mask, max_new_tokens=40960, logits_processor=chain, **settings)
         host = model.generate(ids, attention_mask=mask, max_new_tokens=40960,
                               logits_processor=[*chain, lambda input_ids, scores: scores], **settings)
-        direct = generate(model, ids, mask, Emu3GenerationConfig(max_new_tokens=(WIDTH + 1) * HEIGHT + 3,
-                                                                 guidance_scale=3.0, **settings),
-                          negative_input_ids=negative, image_size=(HEIGHT, WIDTH), progress=False)
-        np.testing.assert_array_equal(fast, direct)
         for row in host[:, ids.shape[1]:]:
             assert_well_formed(row, model.config, HEIGHT, WIDTH)
         if settings["do_sample"]:
             assert (host == fast).mean() > 0.9
-            again = model.generate(ids, attention_mask=mask, max_new_tokens=40960,
-                                   logits_processor=[*chain, lambda input_ids, scores: scores], **settings)
-            np.testing.assert_array_equal(again, host)
+            # The sampling settings reach emu3.generation.generate as they are.
+            direct = generate(model, ids, mask, Emu3GenerationConfig(max_new_tokens=(WIDTH + 1) * HEIGHT + 3,
+                                                                     guidance_scale=3.0, **settings),
+                              negative_input_ids=negative, image_size=(HEIGHT, WIDTH), progress=False)
+            np.testing.assert_array_equal(fast, direct)
         else:
             np.testing.assert_array_equal(host, fast)
-    assert paths == ["fast", "host", "fast", "host", "host"]
+    assert paths == ["fast", "host", "fast", "host"]
 
 
 def test_padded_unconditional_prompts_are_masked(models, rng):
