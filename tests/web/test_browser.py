@@ -102,6 +102,9 @@ def load(driver, url):
 
 
 def text_of(driver, selector):
+    """The text of a component; of a status line, its message alone (not gradio's timer over it)."""
+    if selector.endswith("-status"):
+        return " ".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, f"{selector} [data-testid=markdown]"))
     return driver.find_element(By.CSS_SELECTOR, selector).text
 
 
