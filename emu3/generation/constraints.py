@@ -7,7 +7,8 @@ What is allowed depends only on the offset of the next token from the prompt's i
 Every class but the visual one allows exactly one token.
 
 `build_prefix_constraint` is that rule as a python `prefix_allowed_tokens_fn(batch_id, input_ids)`
-(transformers' convention; the reference in tests and what the processor hands out).
+(transformers' convention; the reference in tests and what the processor hands out); it carries its
+image sizes, so transformers-style `generate` recognises it and runs the device version instead.
 `forced_tokens` is the same rule as a table for the decode loop: the token each row must emit at
 each step, or VISUAL where one of the visual tokens is due. The offsets advance by one per step, so
 the whole schedule is known before decoding starts: the host picks each step's graph from it and
@@ -55,27 +56,64 @@ def _class_tokens(config) -> np.ndarray:
                      config.pad_token_id], np.int64)
 
 
-def build_prefix_constraint(height: int, width: int, config):
-    """A `prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]` for an h x w token image.
+class ImagePrefixAllowedTokens:
+    """`prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]` for h x w token images.
 
-    `input_ids` is one row so far (prompt + generated, numpy or torch); its first image token marks
-    where the image starts. The returned lists are shared: don't modify them.
+    `heights` / `widths`: one size for every row, or one per row (BAAI's convention: a sequence of
+    length 1 applies to every row). `input_ids` is one row so far (prompt + generated, numpy, MindSpore
+    or torch); its first image token marks where the image starts. The returned lists are shared:
+    don't modify them. `image_sizes(batch)` tells the decode loop the sizes, so it can run the same
+    rule on the device instead of calling this per row and token.
     """
-    _check_image_size(height, width)
-    visual = visual_token_ids(config).tolist()
-    allowed = [visual] + [[int(token)] for token in _class_tokens(config)[1:]]
 
-    def prefix_allowed_tokens_fn(batch_id, input_ids):
-        ids = np.asarray(input_ids)
-        where = np.flatnonzero(ids == config.img_token_id)
+    def __init__(self, heights, widths, config):
+        self.heights, self.widths = _sizes(heights, "height"), _sizes(widths, "width")
+        if self.heights.size != self.widths.size:
+            raise ValueError(f"give as many heights as widths, got {self.heights.size} and {self.widths.size}")
+        for h, w in zip(self.heights, self.widths):
+            _check_image_size(h, w)
+        self.img_token_id = config.img_token_id
+        self.token_ids = constraint_token_ids(config)
+        self.allowed = [visual_token_ids(config).tolist()] + [[int(token)] for token in _class_tokens(config)[1:]]
+
+    def image_sizes(self, batch: int) -> np.ndarray:
+        """(batch, 2) int32 (height, width) of each row."""
+        if self.heights.size not in (1, batch):
+            raise ValueError(f"the prefix constraint has {self.heights.size} image sizes for {batch} rows: give "
+                             f"one size, or one per row")
+        sizes = np.stack([self.heights, self.widths], 1)
+        return np.broadcast_to(sizes, (batch, 2)).astype(np.int32)
+
+    def __call__(self, batch_id, input_ids):
+        ids = input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else np.asarray(input_ids)
+        where = np.flatnonzero(ids == self.img_token_id)
         if where.size == 0:
             raise ValueError(
-                f"row {batch_id} has no image token ({config.img_token_id}): the image constraint needs a "
+                f"row {batch_id} has no image token ({self.img_token_id}): the image constraint needs a "
                 f"generation prompt ending in boi, 'H*W', img (the processor's mode 'G')."
             )
-        return allowed[int(_offset_classes(ids.shape[0] - int(where[0]), height, width))]
+        row = int(batch_id) if self.heights.size > 1 else 0
+        return self.allowed[int(_offset_classes(ids.shape[0] - int(where[0]), self.heights[row], self.widths[row]))]
 
-    return prefix_allowed_tokens_fn
+
+def constraint_token_ids(config) -> tuple:
+    """The ids the constraint depends on (the visual ones follow eoi): two configs with the same
+    tuple constrain alike."""
+    return (config.img_token_id, config.eol_token_id, config.eof_token_id, config.eoi_token_id, config.eos_token_id,
+            config.pad_token_id)
+
+
+def _sizes(values, name: str) -> np.ndarray:
+    values = values.asnumpy() if hasattr(values, "asnumpy") else np.asarray(values)
+    if values.ndim > 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"image {name} must be an integer or a sequence of integers (one per row), "
+                         f"got {values.tolist()}")
+    return values.reshape(-1).astype(np.int64)
+
+
+def build_prefix_constraint(height, width, config) -> ImagePrefixAllowedTokens:
+    """A `prefix_allowed_tokens_fn` forcing an h x w token image (or one size per row)."""
+    return ImagePrefixAllowedTokens(height, width, config)
 
 
 def image_start_offsets(input_ids: np.ndarray, img_token_id: int) -> np.ndarray:

@@ -213,28 +213,20 @@ def _image_sizes(image_size, batch: int):
     return sizes.astype(np.int32)
 
 
-def _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, pad, vocab_size):
-    """The checked prompts (B, L) and the rows of one forward: the prompts, then with guidance the
-    negative prompts, all left padded to one length (rows (R, L) and their attention mask)."""
+def _prompt_rows(input_ids, attention_mask, negative_input_ids, negative_attention_mask, pad, vocab_size):
+    """The checked prompts (B, L) and the rows of one forward: the prompts, then the negative
+    prompts if given, all left padded to one length (rows (R, L) and their attention mask)."""
     ids, mask = _as_prompt(input_ids, attention_mask, "input_ids", vocab_size)
-    batch = ids.shape[0]
-    if config.guided:
-        if negative_input_ids is None:
-            raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
-                             f"prompts, built with the processor in mode 'G' like the prompts).")
-        neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids",
-                                       vocab_size)
-        if neg_ids.shape[0] != batch:
-            raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {batch}: give one "
-                             f"negative prompt per prompt.")
-        length = max(ids.shape[1], neg_ids.shape[1])
-        ids, mask = _left_pad(ids, mask, length, pad)
-        neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
-        return ids, np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
-    if negative_input_ids is not None:
-        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
-                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
-    return ids, ids, mask
+    if negative_input_ids is None:
+        return ids, ids, mask
+    neg_ids, neg_mask = _as_prompt(negative_input_ids, negative_attention_mask, "negative_input_ids", vocab_size)
+    if neg_ids.shape[0] != ids.shape[0]:
+        raise ValueError(f"negative_input_ids has {neg_ids.shape[0]} rows, input_ids has {ids.shape[0]}: give one "
+                         f"negative prompt per prompt.")
+    length = max(ids.shape[1], neg_ids.shape[1])
+    ids, mask = _left_pad(ids, mask, length, pad)
+    neg_ids, neg_mask = _left_pad(neg_ids, neg_mask, length, pad)
+    return ids, np.concatenate([ids, neg_ids]), np.concatenate([mask, neg_mask])
 
 
 def _bucketed(rows, row_mask, slots: int, context: int, pad: int):
@@ -249,7 +241,8 @@ def _bucketed(rows, row_mask, slots: int, context: int, pad: int):
 
 
 def generate(model, input_ids, attention_mask=None, config: GenerationConfig | None = None,
-             negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True):
+             negative_input_ids=None, negative_attention_mask=None, image_size=None, progress: bool = True,
+             callback=None):
     """Generate up to `config.max_new_tokens` tokens after each (left-padded) prompt.
 
     Returns np.ndarray (B, L + n): the prompts followed by the generated ids, n <= max_new_tokens
@@ -257,31 +250,40 @@ def generate(model, input_ids, attention_mask=None, config: GenerationConfig | N
     `image_size=(h, w)` (tokens; or one pair per row) constrains the output to an h x w image after
     each prompt's image token. `negative_input_ids` with `config.guidance_scale` turn on
     classifier-free guidance; the negative prompts are built like the prompts (mode "G").
+    `callback(new_ids)` is called with the (B, n) ids generated so far each time the host fetches
+    them (every `_FETCH_EVERY` tokens, and at the end); if it returns True, generation stops there
+    and the ids so far are returned (a stop button, streaming previews).
     """
     config = config or GenerationConfig()
     config.validate()
     if config.mode is None:
         return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                         image_size, progress)
+                         image_size, progress, callback)
     previous = backend.run_mode()
     backend.set_run_mode(config.mode)
     try:
         return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                         image_size, progress)
+                         image_size, progress, callback)
     finally:
         backend.set_run_mode(previous)
 
 
 def _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, image_size,
-              progress):
+              progress, callback):
     model_config = model.config
     last_id = model_config.vocab_size - 1
     eos = checks.integer("eos_token_id", model_config.eos_token_id if config.eos_token_id is None
                          else config.eos_token_id, low=0, high=last_id)
     pad = checks.integer("pad_token_id", model_config.pad_token_id if config.pad_token_id is None
                          else config.pad_token_id, low=0, high=last_id)
-    ids, rows, row_mask = _prompt_rows(input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                                       pad, model_config.vocab_size)
+    if config.guided and negative_input_ids is None:
+        raise ValueError(f"guidance_scale={config.guidance_scale} needs negative_input_ids (the negative "
+                         f"prompts, built with the processor in mode 'G' like the prompts).")
+    if not config.guided and negative_input_ids is not None:
+        raise ValueError("negative_input_ids were given but guidance_scale is not set: pass "
+                         "GenerationConfig(guidance_scale=3.0, ...) to use classifier-free guidance.")
+    ids, rows, row_mask = _prompt_rows(input_ids, attention_mask, negative_input_ids, negative_attention_mask, pad,
+                                       model_config.vocab_size)
     batch = ids.shape[0]
     new = int(config.max_new_tokens)
     if rows.shape[1] + new > model_config.max_position_embeddings:
@@ -290,7 +292,7 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
     if config.parallel_window is not None:
         from emu3.generation import parallel_rows  # imported here: it builds on this module
         return parallel_rows.generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos, pad,
-                                           progress)
+                                           progress, callback)
     rows, row_mask, prompt_length, max_length = _bucketed(rows, row_mask, new, model_config.max_position_embeddings,
                                                           pad)
 
@@ -331,14 +333,17 @@ def _generate(model, input_ids, attention_mask, config, negative_input_ids, nega
             pending.append(tokens)
             if len(pending) == _FETCH_EVERY or index == new - 1:
                 chunk = ops.stack(pending, 1).asnumpy()
+                pending = []
                 generated[:, done:done + chunk.shape[1]] = chunk
+                fetched = chunk.shape[1]
                 for offset in range(chunk.shape[1]):
                     finished |= chunk[:, offset] == eos
                     if finished.all():
-                        done += offset + 1
-                        bar.update(offset + 1)
-                        return np.concatenate([np.asarray(input_ids), generated[:, :done]], 1)
-                done += chunk.shape[1]
-                bar.update(chunk.shape[1])
-                pending = []
+                        fetched = offset + 1
+                        break
+                done += fetched
+                bar.update(fetched)
+                stop = callback is not None and callback(generated[:, :done])
+                if stop or finished.all():
+                    return np.concatenate([np.asarray(input_ids), generated[:, :done]], 1)
     return np.concatenate([np.asarray(input_ids), generated], 1)

@@ -178,9 +178,10 @@ def _finish(image, new: int, eos: int, pad: int, filler: int):
     return ids
 
 
-def generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos, pad, progress):
+def generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos, pad, progress, callback):
     """generate() with `config.parallel_window`: ids (B, L) the checked prompts, rows/row_mask the
-    rows of one forward (with guidance the negative prompts after the prompts)."""
+    rows of one forward (with guidance the negative prompts after the prompts). `callback` gets
+    the new ids known without a gap from the image's start (later rows run ahead of them)."""
     model_config = model.config
     batch = ids.shape[0]
     height, width = _check_image(model_config, ids, image_size, batch)
@@ -238,6 +239,10 @@ def generate_rows(model, config, input_ids, ids, rows, row_mask, image_size, eos
                     _place(out, schedule, done, decided)
                 shown = _show(bar, schedule, new, p, shown)
                 pending = []
+                if callback is not None:
+                    known = int(np.argmin(np.append(schedule.known_at[:new] <= p, False)))
+                    if callback(out[:, :known]):
+                        return np.concatenate([np.asarray(input_ids), out[:, :known]], 1)
         bar.update(max(0, min(new, schedule.length) - shown))
     generated = _finish(out, new, eos, pad, model_config.pad_token_id)
     return np.concatenate([np.asarray(input_ids), generated], 1)

@@ -427,3 +427,14 @@ class Emu3ForCausalLM(nn.Cell):
         tensors = layouts.split_fused({name: weights.to_numpy(p) for name, p in self.parameters_and_names()},
                                       self.config)
         weights.write_checkpoint(tensors, directory, self.config.to_dict(), max_shard_bytes)
+
+    def generate(self, input_ids, generation_config=None, logits_processor=None, **kwargs):
+        """transformers-style generation: the prompts followed by the new ids (emu3.generation.hf_api)."""
+        from emu3.generation import hf_api  # here: emu3.generation imports this module's package
+
+        return hf_api.generate(self, input_ids, generation_config, logits_processor, **kwargs)
+
+    def eval(self) -> "Emu3ForCausalLM":
+        """Inference mode (PyTorch's name for set_train(False)); returns the model."""
+        self.set_train(False)
+        return self

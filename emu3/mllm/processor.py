@@ -21,6 +21,17 @@ from emu3.mllm.tokenizer import VISUAL_TOKEN_TEMPLATE
 CHAT_TEMPLATE = "You are a helpful assistant. USER: {image_prompt}{text_prompt}. ASSISTANT:"
 SIZE_TEMPLATE = "{H}*{W}"
 _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+RETURN_TENSORS = ("np", "ms", "pt", None)
+
+
+class BatchFeature(dict):
+    """The processor's output: a dict whose keys also read as attributes (`inputs.input_ids`)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no {name!r} in this batch; it holds {sorted(self)}") from None
 
 
 def parse_ratio(ratio: str) -> tuple[int, int]:
@@ -76,26 +87,38 @@ class Emu3Processor:
             )
 
     # ---- prompts ----------------------------------------------------------------------------
-    def __call__(self, text, image=None, mode: str = "G", ratio: str = "1:1", image_area: int = 518400,
-                 padding="longest", return_tensors: str | None = "np") -> dict:
-        """Prompt ids for one text or a batch (left padded): {"input_ids", "attention_mask", "image_size"}.
+    def __call__(self, text, image=None, mode: str = "G", ratio="1:1", image_area: int = 518400,
+                 padding="longest", return_tensors: str | None = "np", padding_image: bool = False,
+                 padding_side: str | None = None) -> "BatchFeature":
+        """Prompt ids for one text or a batch (left padded): {"input_ids", "attention_mask", "image_size"},
+        readable as keys or attributes (`inputs.input_ids`, as BAAI's scripts do).
 
-        mode "G": text-to-image prompts; every prompt gets the H x W of `ratio` and `image_area`.
-        mode "U": one image (PIL.Image) per text; the image's tokens go into the chat template.
-        image_size is (B, 2) int32: the (H, W) in tokens of the image to generate / the given image.
+        mode "G": text-to-image prompts; `ratio` is one "W:H" for every prompt or a list, one per prompt;
+        the size in tokens comes from the ratio and `image_area`.
+        mode "U": one image (PIL.Image) per text; the image's tokens go into the chat template. With
+        `padding_image`, images of different sizes are padded to the largest and encoded as one batch
+        (BAAI's option: faster; the tokens near a padded edge can differ from encoding alone).
+        image_size is (B, 2): the (H, W) in tokens of the image to generate / the given image.
+        return_tensors: "np" (int32 arrays), "ms" (MindSpore tensors; "pt", what BAAI's scripts pass,
+        gives MindSpore tensors too: this port has no PyTorch) or None (lists).
+        padding_side: only "left" (what generation needs, and the tokenizer's default) is accepted.
         """
         texts = [text] if isinstance(text, str) else list(text) if text is not None else []
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
+        if return_tensors not in RETURN_TENSORS:
+            raise ValueError(f"return_tensors must be one of {list(RETURN_TENSORS)}, got {return_tensors!r}")
+        if padding_side not in (None, "left"):
+            raise ValueError(f"padding_side must be 'left' (generation continues after the last column), "
+                             f"got {padding_side!r}")
         if mode == "G":
             if image is not None:
                 raise ValueError("mode 'G' generates an image from text: pass no image "
                                  "(use mode 'U' to ask about one)")
-            h, w = generation_size(ratio, image_area, self.spatial_factor)
-            prompts = [self.tokenizer.bos_token + t + self.image_header(h, w) for t in texts]
-            sizes = [(h, w)] * len(texts)
-            self._check_fits(prompts, [image_tokens_to_generate(h, w)] * len(prompts),
-                             [f"the {h}x{w}-token image to generate"] * len(prompts))
+            sizes = [generation_size(r, image_area, self.spatial_factor) for r in self._ratios(ratio, len(texts))]
+            prompts = [self.tokenizer.bos_token + t + self.image_header(h, w) for t, (h, w) in zip(texts, sizes)]
+            self._check_fits(prompts, [image_tokens_to_generate(h, w) for h, w in sizes],
+                             [f"the {h}x{w}-token image to generate" for h, w in sizes])
         elif mode == "U":
             images = self._image_list(image, len(texts))
             sizes = [self._token_size(img, i) for i, img in enumerate(images)]
@@ -108,13 +131,25 @@ class Emu3Processor:
             self._check_fits(skeletons, [h * (w + 1) for h, w in sizes],
                              [f"the image's {h}x{w} tokens (it is resized to {f * w}x{f * h} pixels; a smaller "
                               f"image gives fewer)" for h, w in sizes])
-            prompts = [self._understanding_prompt(t, self.image_string(self.encode_image(img)))
-                       for t, img in zip(texts, images)]
+            codes = self.encode_images(images, padding_image)
+            prompts = [self._understanding_prompt(t, self.image_string(c)) for t, c in zip(texts, codes)]
         else:
             raise ValueError(f"mode must be 'G' (generate an image) or 'U' (understand an image), got {mode!r}")
-        out = self.tokenizer(prompts, padding=padding, return_tensors=return_tensors)
-        out["image_size"] = np.array(sizes, dtype=np.int32) if return_tensors == "np" else [list(s) for s in sizes]
-        return out
+        out = self.tokenizer(prompts, padding=padding, return_tensors=None if return_tensors is None else "np")
+        out["image_size"] = np.array(sizes, dtype=np.int32) if return_tensors else [list(s) for s in sizes]
+        if return_tensors in ("ms", "pt"):
+            out = {key: ms.Tensor(value) for key, value in out.items()}
+        return BatchFeature(out)
+
+    @staticmethod
+    def _ratios(ratio, count: int) -> list:
+        if isinstance(ratio, str):
+            return [ratio] * count
+        ratios = list(ratio) if isinstance(ratio, (list, tuple)) else None
+        if ratios is None or len(ratios) != count:
+            raise ValueError(f"ratio must be one 'W:H' string or a list of them, one per prompt: got {ratio!r} for "
+                             f"{count} prompt(s)")
+        return ratios
 
     def image_header(self, height: int, width: int) -> str:
         tok = self.tokenizer
@@ -164,29 +199,48 @@ class Emu3Processor:
         pixels = self.image_processor(image, return_tensors="np")["pixel_values"]
         return self.vision_tokenizer.encode(ms.Tensor(pixels)).asnumpy()[0]
 
+    def encode_images(self, images: list, padding_image: bool = False) -> list:
+        """The (h, w) codes of each image: one by one, or with `padding_image` (and different sizes)
+        as one batch padded at the bottom and right with 0 (mid-grey after normalisation) and cropped back."""
+        if not padding_image or len({img.size for img in images}) == 1:
+            return [self.encode_image(img) for img in images]
+        pixels = [self.image_processor(img, return_tensors="np")["pixel_values"][0] for img in images]
+        height, width = max(p.shape[1] for p in pixels), max(p.shape[2] for p in pixels)
+        batch = np.stack([np.pad(p, ((0, 0), (0, height - p.shape[1]), (0, width - p.shape[2]))) for p in pixels])
+        codes = self.vision_tokenizer.encode(ms.Tensor(batch)).asnumpy()
+        f = self.spatial_factor
+        return [c[:p.shape[1] // f, :p.shape[2] // f] for c, p in zip(codes, pixels)]
+
     def decode_image(self, codes) -> Image.Image:
         """A PIL image from (h, w) codes."""
         codes = ms.Tensor(np.asarray(codes)[None])  # the vision tokenizer refuses non-integer codes
         pixels = self.vision_tokenizer.decode(codes).astype(ms.float32).asnumpy()
         return self.image_processor.postprocess(pixels)["pixel_values"][0]
 
-    def build_prefix_constrained_fn(self, height: int, width: int):
-        """transformers-style prefix_allowed_tokens_fn forcing an h x w image (see generation.constraints)."""
-        return build_prefix_constraint(int(height), int(width), self.tokenizer)
+    def build_prefix_constrained_fn(self, height, width):
+        """transformers-style prefix_allowed_tokens_fn forcing an h x w image; height and width may be
+        one per row (`inputs.image_size[:, 0]`, `[:, 1]`, as BAAI's image_generation.py passes them).
+        `Emu3ForCausalLM.generate` recognises it and runs the rule on the device (generation.constraints)."""
+        return build_prefix_constraint(height, width, self.tokenizer)
 
     # ---- ids -> text and images ---------------------------------------------------------------
-    def decode(self, ids, skip_special_tokens: bool = False) -> list:
-        """Parts of one sequence in order: str for text, PIL.Image for each boi ... eoi span.
+    def decode(self, ids, skip_special_tokens: bool = False):
+        """One sequence back to text and images.
 
-        Text parts are decoded with `skip_special_tokens`; empty text parts are left out. An image
-        span must hold complete rows (w visual tokens + eol) matching its "H*W" header.
+        skip_special_tokens=False: a list of the parts in order, str for text and PIL.Image for each
+        boi ... eoi span (empty text parts left out). An image span must hold complete rows (w visual
+        tokens + eol) matching its "H*W" header.
+        skip_special_tokens=True: the text alone, a str: every special token goes, the visual ones
+        included (BAAI's tokenizer counts them as special), so images are dropped.
         """
         tok = self.tokenizer
+        if skip_special_tokens:
+            return tok.decode(ids, skip_special_tokens=True)
         ids = tok.id_list(ids)
         parts, start = [], 0
         while start < len(ids):
             boi = ids.index(tok.boi_token_id, start) if tok.boi_token_id in ids[start:] else len(ids)
-            self._append_text(parts, ids[start:boi], skip_special_tokens)
+            self._append_text(parts, ids[start:boi])
             if boi == len(ids):
                 break
             eoi = ids.index(tok.eoi_token_id, boi) if tok.eoi_token_id in ids[boi:] else len(ids)
@@ -194,13 +248,14 @@ class Emu3Processor:
             start = eoi + 1
         return parts
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[list]:
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list:
+        """`decode` of each row: lists of parts, or with skip_special_tokens=True one str per row."""
         if hasattr(sequences, "asnumpy"):
             sequences = sequences.asnumpy()
         return [self.decode(s, skip_special_tokens) for s in sequences]
 
-    def _append_text(self, parts: list, ids: list, skip_special_tokens: bool) -> None:
-        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def _append_text(self, parts: list, ids: list) -> None:
+        text = self.tokenizer.decode(ids)
         if text:
             parts.append(text)
 

@@ -489,3 +489,8 @@ class Emu3VisionVQModel(nn.Cell):
         """Write config.json and model.safetensors in BAAI's original layout."""
         tensors = layouts.original_state_dict(self)
         weights.write_checkpoint(tensors, Path(directory), self.config.to_dict())
+
+    def eval(self) -> "Emu3VisionVQModel":
+        """Inference mode (PyTorch's name for set_train(False)); returns the model."""
+        self.set_train(False)
+        return self

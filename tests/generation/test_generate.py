@@ -64,6 +64,17 @@ def text_prompts(rng, lengths):
     return ids, mask
 
 
+def unused_eos(model, ids, mask, new_tokens):
+    """An eos id that greedy decoding of these prompts never emits in `new_tokens` tokens, so a
+    generation with it runs to max_new_tokens (eos must be a real id: the loop checks its range)."""
+    for eos in range(1000, 1010):
+        out = generate(model, ids, mask, GenerationConfig(max_new_tokens=new_tokens, eos_token_id=eos),
+                       progress=False)[:, ids.shape[1]:]
+        if out.shape[1] == new_tokens and not (out == eos).any():
+            return eos
+    raise AssertionError("every candidate eos was generated")
+
+
 def image_prompts(config, rng, text_lengths):
     """Mode-G shaped prompts: bos, text, boi, 'H*W' (any text ids), img; left padded."""
     ids, mask = text_prompts(rng, [n + 4 for n in text_lengths])

@@ -137,8 +137,12 @@ def test_decode_turns_generated_ids_into_images(processor, tok, vq, image_proces
     assert parts[1].size == (8 * w, 8 * h)
     np.testing.assert_array_equal(np.asarray(parts[1]), np.asarray(expected))
 
-    clean = processor.batch_decode(ids[None])[0]
-    assert clean[0] == "a cat" and isinstance(clean[1], Image.Image) and len(clean) == 2
+    # BAAI's conventions: batch_decode is decode per row; skip_special_tokens=True gives the text
+    # alone (the visual tokens are special tokens too; the "H*W" header is ordinary text).
+    [again] = processor.batch_decode(ids[None])
+    assert [type(p) for p in again] == [str, Image.Image, str] and again[0] == parts[0]
+    assert processor.batch_decode(ms.Tensor(ids[None]), skip_special_tokens=True) == [f"a cat{h}*{w}"]
+    assert processor.decode(ids, skip_special_tokens=True) == f"a cat{h}*{w}"
 
     short = np.concatenate([prompt["input_ids"][0], generated[:w + 1 + 2]])  # cut inside row 2
     with pytest.raises(ValueError, match="complete grid"):
@@ -206,3 +210,54 @@ def test_bad_inputs_fail_before_any_model_work(tok, image_processor, vq, monkeyp
     with pytest.raises(ValueError, match="text must be"):
         processor([], mode="G")
     assert calls == []
+
+
+def test_a_ratio_per_prompt_and_tensors_as_baai_uses_them(processor, tok):
+    texts = ["a cat", "a much longer prompt about a dog"]
+    out = processor(texts, mode="G", ratio=["1:1", "2:1"], image_area=48 * 48, return_tensors="pt")
+    sizes = [generation_size("1:1", 48 * 48), generation_size("2:1", 48 * 48)]
+    assert isinstance(out.input_ids, ms.Tensor) and out.image_size.asnumpy().tolist() == [list(s) for s in sizes]
+    for row, mask, text, (h, w) in zip(out.input_ids.asnumpy(), out["attention_mask"].asnumpy(), texts, sizes):
+        assert tok.decode(unpadded(row, mask)) == f"{BOS}{text}{BOI}{h}*{w}{IMG}"
+    # One ratio for all prompts is the list of that ratio.
+    same = processor(texts, mode="G", ratio="2:1", image_area=48 * 48)
+    listed = processor(texts, mode="G", ratio=["2:1", "2:1"], image_area=48 * 48, padding_side="left")
+    for key in ("input_ids", "attention_mask", "image_size"):
+        np.testing.assert_array_equal(same[key], listed[key])
+    # The per-row constraint BAAI builds from image_size[:, 0] and [:, 1].
+    fn = processor.build_prefix_constrained_fn(out.image_size[:, 0], out.image_size[:, 1])
+    for row, (h, w) in enumerate(sizes):
+        prompt = out.input_ids.asnumpy()[row].tolist()
+        assert fn(row, np.array(prompt + [0] * w)) == [tok.eol_token_id]
+        assert fn(row, np.array(prompt + [0] * ((w + 1) * h))) == [tok.eof_token_id]
+
+    with pytest.raises(ValueError, match="one per prompt"):
+        processor(texts, mode="G", ratio=["1:1"])
+    with pytest.raises(ValueError, match="ratio must be 'W:H'"):
+        processor(texts, mode="G", ratio=["1:1", "wide"])
+    with pytest.raises(ValueError, match="padding_side must be 'left'"):
+        processor(texts, mode="G", padding_side="right")
+    with pytest.raises(ValueError, match="return_tensors must be one of"):
+        processor(texts, mode="G", return_tensors="tf")
+    with pytest.raises(AttributeError, match="no 'pixel_values' in this batch"):
+        out.pixel_values
+
+
+def test_padding_image_encodes_different_sizes_as_one_batch(processor, vq, image_processor):
+    small, large = picture(48, 64, 1), picture(96, 72, 2)
+    alone = processor(["q", "q"], image=[small, large], mode="U")
+    padded = processor(["q", "q"], image=[small, large], mode="U", padding_image=True)
+    np.testing.assert_array_equal(alone["image_size"], padded["image_size"])
+    codes_alone = processor.encode_images([small, large])
+    codes_padded = processor.encode_images([small, large], padding_image=True)
+    # The largest image is not padded: its codes are the ones it gets alone.
+    np.testing.assert_array_equal(codes_padded[1], codes_alone[1])
+    # The smaller one: its pixels padded to the batch's size with 0 and encoded, cropped to its own grid.
+    pixels = image_processor(small, return_tensors="np")["pixel_values"]
+    big = image_processor(large, return_tensors="np")["pixel_values"]
+    canvas = np.zeros_like(big)
+    canvas[:, :, :pixels.shape[2], :pixels.shape[3]] = pixels
+    expected = vq.encode(ms.Tensor(canvas)).asnumpy()[0][:pixels.shape[2] // 8, :pixels.shape[3] // 8]
+    np.testing.assert_array_equal(codes_padded[0], expected)
+    assert codes_padded[0].shape == codes_alone[0].shape
+    assert processor.image_string(codes_padded[0]) in processor.tokenizer.decode(padded["input_ids"][0])

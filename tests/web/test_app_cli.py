@@ -1,0 +1,19 @@
+"""The web demo's command line refuses what it cannot run, in one sentence, before loading anything."""
+
+import sys
+
+import pytest
+
+from emu3.web import app
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--chat-model", "/nowhere"], "--chat-model goes with --model and --vq"),
+    ([], "the web demo needs gradio: pip install -r requirements-demo.txt"),
+])
+def test_refusals(argv, message, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as where the demo extra is not installed
+    monkeypatch.setattr(app, "load", lambda args: pytest.fail("loaded models before refusing"))
+    with pytest.raises(SystemExit) as exit_:
+        app.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
