@@ -12,6 +12,7 @@ of 20 calls in two runs).
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Zero, initializer
 
 from emu3.generation.constraints import VISUAL_CODEBOOK_SIZE, visual_token_ids
 
@@ -23,7 +24,8 @@ class VisualHead(nn.Cell):
         super().__init__()
         self.first = int(visual_token_ids(model.config)[0])
         weight = model.lm_head.weight
-        self.weight = Parameter(ops.zeros((VISUAL_CODEBOOK_SIZE, weight.shape[1]), weight.dtype),
+        # initializer allocates on the host (a bf16 ops.zeros has no CPU kernel)
+        self.weight = Parameter(initializer(Zero(), (VISUAL_CODEBOOK_SIZE, weight.shape[1]), weight.dtype),
                                 name="visual_head.weight", requires_grad=False)
         self.matmul = ops.MatMul(transpose_b=True)
 

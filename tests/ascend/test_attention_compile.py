@@ -12,7 +12,8 @@ from mindspore import nn
 
 from emu3 import backend
 from emu3.generation.cache import KVCache
-from emu3.generation.generate import GenerationConfig, GenerationStep
+from emu3.generation.constraints import VISUAL
+from emu3.generation.generate import FORCED_STEP, TEXT, VISUAL_STEP, GenerationConfig, GenerationStep
 from emu3.mllm import Emu3ForCausalLM
 from tests.ascend.compile_check import ascend_switch, unsupported_on_cpu
 from tests.mllm.tiny import tiny_config
@@ -129,11 +130,13 @@ def test_whole_generation_steps_get_through_inference(dtype, first_unsupported):
                        eos_token_id=151850)  # the image constraint needs the visual tokens
         step = GenerationStep(model, model.init_cache(2, 16), GenerationConfig(guidance_scale=3.0), True,
                               model.config.eos_token_id, model.config.pad_token_id)
-        loop = (_t([0]), _t([True], ms.bool_), _t([5]), _t([2]), _t([2]), _t(np.zeros((1, 1)), ms.float32))
-        for ids, positions, slots in [(np.ones((2, 8)), np.tile(np.arange(8), (2, 1)), np.arange(8)),  # prefill
-                                      (np.ones((2, 1)), np.full((2, 1), 8), [8])]:  # decode
-            assert unsupported_on_cpu(step, _t(ids), _t(positions), _t(slots), _t(np.ones((2, 16))), *loop, 16) == \
-                first_unsupported
+        loop = (_t([0]), _t([True], ms.bool_), _t(np.full((1, 1), VISUAL)), _t(np.zeros((1, 1)), ms.float32))
+        prefill = (np.ones((2, 8)), np.tile(np.arange(8), (2, 1)), np.arange(8))
+        decode = (np.ones((2, 1)), np.full((2, 1), 8), [8])
+        for (ids, positions, slots), kind in [(prefill, VISUAL_STEP), (decode, VISUAL_STEP), (decode, FORCED_STEP),
+                                              (decode, TEXT)]:
+            assert unsupported_on_cpu(step, _t(ids), _t(positions), _t(slots), _t(np.ones((2, 16))), *loop, 16,
+                                      kind) == first_unsupported, kind
 
 
 class _TrainingLoss(nn.Cell):

@@ -28,7 +28,6 @@ def test_a_parallel_row_pass_compiles_for_ascend():
         inputs = (ms.Tensor(np.full((1, lanes), config.eoi_token_id + 1, np.int32)), ms.Tensor(np.array([2], np.int32)),
                   ms.Tensor(schedule.fed), ms.Tensor(fed_pass), ms.Tensor(np.full((2, 1), prompt - 1, np.int32)),
                   ms.Tensor(np.array([prompt - 1], np.int32)), ms.Tensor(np.arange(usable, slots, dtype=np.int32)),
-                  ms.Tensor(np.array([5], np.int32)), ms.Tensor(np.full(lanes, 3, np.int32)),
-                  ms.Tensor(np.full(lanes, 4, np.int32)), ms.Tensor(np.zeros((slots, 1), np.float32)), usable)
+                  ms.Tensor(np.array([5], np.int32)), ms.Tensor(np.zeros((slots, 1), np.float32)), usable)
         # Inference covers the whole graph before kernel selection stops at the first Ascend-only op.
         assert unsupported_on_cpu(ParallelRowStep(step, 1), *inputs) in {"RmsNorm", "FlashAttentionScore"}
