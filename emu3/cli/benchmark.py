@@ -558,9 +558,10 @@ class Bench:
         c = self.llm().config
         rng = np.random.default_rng(4)
         prompt = np.array([[c.bos_token_id, *rng.integers(0, 151643, TEXT_PROMPT_TOKENS - 1)]], np.int64)
+        eos = self._absent_token(prompt, TEXT_NEW_TOKENS)  # all 48 tokens, whatever the random weights say
         header, row, speedup, same = self._generation_row(
-            prompt, GenerationConfig(max_new_tokens=TEXT_NEW_TOKENS),
-            dict(max_new_tokens=TEXT_NEW_TOKENS, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id))
+            prompt, GenerationConfig(max_new_tokens=TEXT_NEW_TOKENS, eos_token_id=eos),
+            dict(max_new_tokens=TEXT_NEW_TOKENS, eos_token_id=eos, pad_token_id=c.pad_token_id))
         if speedup is not None:
             header.append("tokens identical")
             row.append("yes" if same else "no")
@@ -583,14 +584,29 @@ class Bench:
                  c.eoi_token_id]
         prompt = np.array([[c.bos_token_id, *rng.integers(0, 151643, 12), *image, *rng.integers(0, 151643, 16)]],
                           np.int64)
-        # Both stop at the model's eos (the table shows the new tokens; tokens/s is per new token).
+        # Every answer is answer_tokens long: random weights may say eos at any point, so both stop
+        # at an id that this greedy answer does not contain.
+        eos = self._absent_token(prompt, a.answer_tokens)
         header, row, speedup, _ = self._generation_row(
-            prompt, GenerationConfig(max_new_tokens=a.answer_tokens),
-            dict(max_new_tokens=a.answer_tokens, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id))
+            prompt, GenerationConfig(max_new_tokens=a.answer_tokens, eos_token_id=eos),
+            dict(max_new_tokens=a.answer_tokens, eos_token_id=eos, pad_token_id=c.pad_token_id))
         if speedup is not None:
             self.targets.append(("10", "VQA with its prefill vs reference >= 1.0", speedup, 1.0))
         return _table(f"VQA (greedy answer after a {h}x{w}-token image and a question)", header, [row]) + \
             _turns_note(a.repeats)
+
+    def _absent_token(self, prompt, new_tokens: int) -> int:
+        """A token id that greedy decoding after `prompt` does not produce in `new_tokens` tokens
+        (greedy tokens up to an eos do not depend on which id is the eos)."""
+        from emu3.generation import GenerationConfig, generate
+        c = self.llm().config
+        for candidate in (c.img_token_id, c.boi_token_id, c.eof_token_id, c.eol_token_id):
+            out = generate(self.llm(), prompt, config=GenerationConfig(max_new_tokens=new_tokens,
+                                                                       eos_token_id=candidate),
+                           progress=False)[0, prompt.shape[1]:]
+            if len(out) == new_tokens and candidate not in out:
+                return candidate
+        raise ValueError("every candidate eos id appears in the greedy answer")
 
     def sft_table(self):
         a = self.args
