@@ -15,7 +15,8 @@ arguments:
 - device_map: None, "auto", "cpu", "npu"/"npu:N"/"ascend": it must name the device MindSpore runs on
   (`emu3.backend.set_run_mode(mode, device)` chooses it); CUDA devices are refused;
 - trust_remote_code: accepted and unused (this package is the model code).
-The models come back in inference mode, as transformers' do.
+The models come back in inference mode, as transformers' do (the language model with its q/k/v and
+gate/up projections fused, as the inference commands load it; `save_pretrained` writes BAAI's layout).
 """
 
 import json
@@ -66,7 +67,7 @@ def resolve_pretrained(name) -> Path:
 
 def _dtype(torch_dtype) -> str:
     if torch_dtype is None or torch_dtype == "auto":
-        return "bf16" if backend.on_ascend() else "fp32"
+        return backend.default_dtype()
     name = str(torch_dtype).rsplit(".", 1)[-1].lower()
     if name in _DTYPE_NAMES:
         return _DTYPE_NAMES[name]
@@ -102,10 +103,12 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(name, **kwargs) -> Emu3ForCausalLM:
         kwargs = _loading_arguments(kwargs, ("torch_dtype", "attn_implementation"))
-        attn = kwargs.get("attn_implementation") or ("flash_attention_2" if backend.on_ascend() else "eager")
+        attn = kwargs.get("attn_implementation") or backend.default_attn_implementation()
         model = Emu3ForCausalLM.from_pretrained(resolve_pretrained(name), dtype=_dtype(kwargs.get("torch_dtype")),
                                                 attn_implementation=attn)
-        return model.eval()
+        # Fused q/k/v and gate/up projections, as the inference commands load the model;
+        # save_pretrained still writes BAAI's layout.
+        return model.fuse_projections().eval()
 
 
 class AutoModel:

@@ -155,9 +155,11 @@ def _chat_model(args, model):
         return model
     if not Path(args.chat_model).is_dir():
         raise ValueError(f"--chat-model {args.chat_model} is not a directory")
-    dtype = args.dtype or ("bf16" if backend.on_ascend() else "fp32")
-    attn = args.attn_implementation or ("flash_attention_2" if backend.on_ascend() else "eager")
-    return Emu3ForCausalLM.from_pretrained(args.chat_model, dtype=dtype, attn_implementation=attn).eval()
+    dtype = args.dtype or backend.default_dtype()
+    attn = args.attn_implementation or backend.default_attn_implementation()
+    # Fused projections, as the inference commands load their models (emu3.cli.loading).
+    model = Emu3ForCausalLM.from_pretrained(args.chat_model, dtype=dtype, attn_implementation=attn)
+    return model.fuse_projections().eval()
 
 
 @command
