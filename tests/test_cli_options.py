@@ -38,3 +38,12 @@ def test_an_unwritable_benchmark_output_stops_before_any_model(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         benchmark.main(["--output", str(tmp_path / "results.md")])
     assert capsys.readouterr().err == f"error: --output {tmp_path / 'results.md'} is a directory: give a file name\n"
+
+
+def test_a_console_script_names_itself_in_errors(monkeypatch, capsys):
+    from emu3.cli import vqa
+    monkeypatch.setattr("sys.argv", ["/venv/bin/emu3-vqa"])
+    with pytest.raises(SystemExit) as exit_info:
+        vqa.main(["--max-new-tokens", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("(see emu3-vqa --help)")

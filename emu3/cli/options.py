@@ -7,11 +7,19 @@ range, so every number is checked before anything is loaded.
 """
 
 import argparse
+import os
+import sys
 
 from emu3 import checks
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        command = os.path.basename(sys.argv[0])
+        if command.startswith("emu3-"):  # a console script (pyproject.toml): name what the user typed
+            self.prog = command
+
     def error(self, message):
         raise ValueError(f"{message} (see {self.prog} --help)")
 
