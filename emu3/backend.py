@@ -9,6 +9,7 @@ takes fp16 only). Each computation has a plain fallback that is the reference im
 CPU and the numerical yardstick for the fused one.
 """
 
+import contextlib
 import logging
 import math
 
@@ -47,7 +48,6 @@ def native_collectives() -> bool:
     return _ON_ASCEND
 
 
-
 def set_run_mode(mode: str = "pynative", device: str | None = None) -> None:
     """Select PYNATIVE or GRAPH mode (and optionally the device: "CPU" or "Ascend")."""
     global _ON_ASCEND, _GRAPH
@@ -82,6 +82,21 @@ def jit_level() -> str:
 
 def run_mode() -> str:
     return "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "pynative"
+
+
+@contextlib.contextmanager
+def running_in(mode: str | None):
+    """Run the block in `mode` ("pynative" or "graph"), then return to the mode before it; None
+    leaves the mode as it is."""
+    if mode is None:
+        yield
+        return
+    previous = run_mode()
+    set_run_mode(mode)
+    try:
+        yield
+    finally:
+        set_run_mode(previous)
 
 
 def parse_dtype(name) -> ms.Type:

@@ -256,16 +256,9 @@ def generate(model, input_ids, attention_mask=None, config: GenerationConfig | N
     """
     config = config or GenerationConfig()
     config.validate()
-    if config.mode is None:
+    with backend.running_in(config.mode):
         return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
                          image_size, progress, callback)
-    previous = backend.run_mode()
-    backend.set_run_mode(config.mode)
-    try:
-        return _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask,
-                         image_size, progress, callback)
-    finally:
-        backend.set_run_mode(previous)
 
 
 def _generate(model, input_ids, attention_mask, config, negative_input_ids, negative_attention_mask, image_size,

@@ -288,22 +288,14 @@ def generate(model, input_ids, generation_config=None, logits_processor=None, **
             negative_input_ids=negative, negative_attention_mask=negative_mask,
             image_size=prefixes[0].image_sizes(ids.shape[0]) if prefixes else None)
     else:
-        out = _host_generate(model, ids, mask, settings, chain, negative, negative_mask, new, eos, pad)
+        with backend.running_in("pynative"):  # the processors run on the host between steps
+            out = _host_loop(model, ids, mask, settings, chain, negative, negative_mask, new, eos, pad)
     out = out.astype(ids.dtype)
     return ms.Tensor(out) if isinstance(input_ids, ms.Tensor) else out
 
 
-def _host_generate(model, ids, mask, settings, chain, negative, negative_mask, new, eos, pad):
-    """One token at a time through a KV cache, the processors called on the host (PYNATIVE mode)."""
-    previous = backend.run_mode()
-    backend.set_run_mode("pynative")
-    try:
-        return _host_loop(model, ids, mask, settings, chain, negative, negative_mask, new, eos, pad)
-    finally:
-        backend.set_run_mode(previous)
-
-
 def _host_loop(model, ids, mask, settings, chain, negative, negative_mask, new, eos, pad):
+    """One token at a time through a KV cache, the processors called on the host."""
     # Rows and masks as the fast path builds them (its checks included): prompts, then the
     # unconditional prompts, left padded to one length.
     _, rows, row_mask = _prompt_rows(ids, mask, negative, negative_mask, pad, model.config.vocab_size)

@@ -25,9 +25,9 @@ def tf():
 def paths(monkeypatch):
     """Which path each generate() call took (a spy: both paths still run)."""
     taken = []
-    fast, host = hf_api.emu3_generate, hf_api._host_generate
+    fast, host = hf_api.emu3_generate, hf_api._host_loop
     monkeypatch.setattr(hf_api, "emu3_generate", lambda *a, **k: taken.append("fast") or fast(*a, **k))
-    monkeypatch.setattr(hf_api, "_host_generate", lambda *a, **k: taken.append("host") or host(*a, **k))
+    monkeypatch.setattr(hf_api, "_host_loop", lambda *a, **k: taken.append("host") or host(*a, **k))
     return taken
 
 
