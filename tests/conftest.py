@@ -42,18 +42,10 @@ def torch_reference():
 
 
 @pytest.fixture
-def compilations(monkeypatch):
+def compilations():
     """A list that gets, for each GRAPH-mode compile call while the test runs, True when it built a
     new graph (False: the cached graph was reused); `sum(compilations)` counts the new graphs."""
-    import mindspore.common.api as ms_api
+    from emu3.generation import kernels
 
-    fresh = []
-    compile_ = ms_api._cell_graph_executor.compile
-
-    def counting_compile(*args, **kwargs):
-        phase, new = compile_(*args, **kwargs)
-        fresh.append(new)
-        return phase, new
-
-    monkeypatch.setattr(ms_api._cell_graph_executor, "compile", counting_compile)
-    return fresh
+    with kernels.compilations() as fresh:
+        yield fresh

@@ -358,21 +358,9 @@ class Bench:
         return _table("Text-to-image (classifier-free guidance 3.0, image constraint)", header, rows)
 
     def _count_compiles(self, fn) -> int:
-        import mindspore.common.api as ms_api
-        executor = ms_api._cell_graph_executor
-        compile_ = executor.compile
-        fresh = []
-
-        def counting(*args, **kwargs):
-            phase, new = compile_(*args, **kwargs)
-            fresh.append(new)
-            return phase, new
-
-        executor.compile = counting
-        try:
+        from emu3.generation.kernels import compilations
+        with compilations() as fresh:
             fn()
-        finally:
-            executor.compile = compile_
         return sum(fresh)
 
     def decode_table(self):
