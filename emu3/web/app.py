@@ -11,16 +11,17 @@ ask, the answer streams. Bad input shows a sentence on the page; jobs from sever
 queue, one at a time. Needs the demo extra: `pip install -r requirements-demo.txt`.
 """
 
-import argparse
 import logging
 import sys
 import threading
 from pathlib import Path
 
 from emu3 import backend
+from emu3.cli import options
 from emu3.cli.errors import command
 from emu3.cli.generate_image import NEGATIVE_PROMPT
 from emu3.cli.loading import add_model_arguments, check_model_arguments, load
+from emu3.cli.outputs import check_directory
 from emu3.mllm.model import Emu3ForCausalLM
 from emu3.web.engine import Engine
 
@@ -34,13 +35,14 @@ INSTALL_HINT = "the web demo needs gradio: pip install -r requirements-demo.txt 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="web_demo.sh", description=__doc__.split("\n")[0])
+    p = options.ArgumentParser(prog="web_demo.sh", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=options.integer(low=1, high=65535), default=7860, help="port (default 7860)")
     p.add_argument("--chat-model", help="Emu3-Chat directory for the chat tab (default: the --model weights)")
     p.add_argument("--output-dir", default="outputs/web_demo", help="where finished PNGs are kept")
-    p.add_argument("--image-area", type=int, help="pixels per generated image (default: the model's image_area)")
-    p.add_argument("--max-new-tokens", type=int,
+    p.add_argument("--image-area", type=options.integer(low=1),
+                   help="pixels per generated image (default: the model's image_area)")
+    p.add_argument("--max-new-tokens", type=options.integer(low=1),
                    help=f"longest chat answer (default 320; {DEMO_CHAT_TOKENS} with the demo weights)")
     add_model_arguments(p, "BAAI Emu3-Gen directory for text-to-image")
     return p.parse_args(argv)
@@ -174,6 +176,7 @@ def main(argv=None) -> None:
         import gradio as gr
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
+    check_directory(args.output_dir, "--output-dir")
     model, processor, is_demo = load(args)
     engine = Engine(model, processor, _chat_model(args, model), args.output_dir, args.image_area,
                     args.max_new_tokens or (DEMO_CHAT_TOKENS if is_demo else 320))

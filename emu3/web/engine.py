@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from emu3.cli.generate_image import NEGATIVE_PROMPT, POSITIVE_SUFFIX, slug
+from emu3.cli.outputs import save_image
 from emu3.generation.generate import GenerationConfig, generate
 from emu3.mllm.processor import image_tokens_to_generate
+from emu3.tokenizer.image_processor import open_image
 
 logger = logging.getLogger("emu3")
 
@@ -154,7 +156,7 @@ class Engine:
         image = next(part for part in processor.decode(ids[0]) if isinstance(part, Image.Image))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}_{slug(prompt)}.png"
-        image.save(path)
+        save_image(image, path)
         emit(ImageUpdate(image, f"Done: {header} in {seconds:.1f} s ({total / seconds:.1f} tokens/s).", path))
 
     def _grid(self, new_ids: np.ndarray, rows: int, width: int) -> np.ndarray:
@@ -165,11 +167,11 @@ class Engine:
     # ---- chat ------------------------------------------------------------------------------
     @staticmethod
     def open_image(path) -> Image.Image:
-        """The uploaded picture as RGB, or a ValueError saying it is not one."""
+        """The uploaded picture as RGB, converted as the commands convert it (16-bit scaled, ...),
+        or a ValueError saying it is not one."""
         try:
-            with Image.open(path) as upload:
-                return upload.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
+            return open_image(path)
+        except ValueError as err:
             raise ValueError(f"The upload is not a picture this demo can read (PNG, JPEG, WebP, ...): {err}") from None
 
     def _answer(self, emit, stop, image_path, question, max_new_tokens):

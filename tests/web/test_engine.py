@@ -95,3 +95,12 @@ def test_bad_chat_requests_raise_a_sentence(engine, tmp_path):
                           ((str(text), "q"), "not a picture this demo can read")):
         with pytest.raises(ValueError, match=message):
             list(engine.answer(*args))
+
+
+def test_a_16_bit_upload_is_scaled_as_the_commands_scale_it(tmp_path):
+    """PIL's own conversion would clip 16-bit greys to 255 (a white picture)."""
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(path)
+    picture = Engine.open_image(path)
+    assert picture.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(picture)[0, :, 0], [0, 128, 255])
